@@ -1,0 +1,1 @@
+//! Compute device choice and run-time GPU detection.

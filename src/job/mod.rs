@@ -1,0 +1,1 @@
+//! Job input schema, validation and output shaping (native worker-vllm and OpenAI shapes).

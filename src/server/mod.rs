@@ -1,0 +1,1 @@
+//! The local dev API server: RunPod routes and OpenAI routes.
