@@ -292,6 +292,9 @@ impl Rotary {
     }
 }
 
+/// Identifies a mask within one pass: (sequence index, or `usize::MAX` for the decode batch; window).
+type MaskKey = (usize, Option<usize>);
+
 /// Everything derived once per forward pass from the [`ForwardBatch`].
 #[derive(Debug)]
 pub(crate) struct BatchPlan<'a> {
@@ -311,7 +314,7 @@ pub(crate) struct BatchPlan<'a> {
     pub(crate) all_decode: bool,
     /// Masks already built in this pass, keyed by (sequence index or `usize::MAX` for the decode
     /// batch, window): layers with the same window reuse them.
-    masks: RefCell<Vec<((usize, Option<usize>), Tensor)>>,
+    masks: RefCell<Vec<(MaskKey, Tensor)>>,
 }
 
 impl<'a> BatchPlan<'a> {
