@@ -117,21 +117,22 @@ impl Reader<'_> {
         let value = self.meta(key)?;
         let n = value
             .to_u64()
-            .or_else(|_| value.to_u32().map(u64::from))
             .map_err(|e| ModelError::Gguf(format!("metadata `{key}`: {e}")))?;
         Ok(n as usize)
     }
 
     fn meta_f64(&self, key: &str) -> Option<f64> {
-        self.content
-            .metadata
-            .get(key)
-            .and_then(|v| v.to_f32().ok())
+        let value = self.content.metadata.get(key)?;
+        value
+            .to_f32()
             .map(f64::from)
+            .or_else(|_| value.to_f64())
+            .ok()
     }
 
     fn meta_u32(&self, key: &str) -> Option<u32> {
-        self.content.metadata.get(key).and_then(|v| v.to_u32().ok())
+        let value = self.content.metadata.get(key)?;
+        value.to_u64().ok().and_then(|v| u32::try_from(v).ok())
     }
 }
 
