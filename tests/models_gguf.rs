@@ -80,7 +80,7 @@ fn generate(model: &dyn CausalLm, prompt: &[u32]) -> (Vec<u32>, f64) {
 }
 
 #[test]
-fn smollm2_gguf_answers_paris_with_and_without_requantization() {
+fn smollm2_gguf_answers_paris_with_and_without_requantization_and_padding() {
     let Some(path) = smollm2_path() else {
         println!("skipped: SmolLM2 GGUF not found (set WICK_SMOLLM2_GGUF or put it in models/)");
         return;
@@ -95,14 +95,22 @@ fn smollm2_gguf_answers_paris_with_and_without_requantization() {
         tokenizer_config: None,
         generation_config: None,
     };
-    for requantize in [None, Some(GgmlDType::Q8_0)] {
-        let options = GgufOptions { requantize };
+    let configs = [
+        (None, false),
+        (Some(GgmlDType::Q8_0), false),
+        (Some(GgmlDType::Q8_0), true),
+    ];
+    for (requantize, pad_rows) in configs {
+        let options = GgufOptions {
+            requantize,
+            pad_rows,
+        };
         let model = wick::models::load_with(&files, &Device::Cpu, DType::F32, &options).unwrap();
         assert_eq!(model.info().architecture, "llama");
         assert_eq!(model.info().dtype, DType::F32);
         let (tokens, per_second) = generate(model.as_ref(), &prompt);
         let text = tokenizer.decode(&tokens, true).unwrap();
-        println!("requantize {requantize:?}: {per_second:.1} tokens/s decode (batch 1): {text:?}");
+        println!("requantize {requantize:?}, pad_rows {pad_rows}: {per_second:.1} tokens/s decode (batch 1): {text:?}");
         assert!(
             text.contains("Paris"),
             "requantize {requantize:?}: {text:?}"
@@ -346,14 +354,17 @@ fn f32_gguf_of_fixture_matches_safetensors_model() {
     }
 }
 
-/// A Q4_1 GGUF re-quantized to Q8_0 at load computes nearly what the Q4_1 weights compute: the
-/// change is small next to the Q4_1 error itself (random tiny weights quantize badly, so the bound is
-/// relative to that error rather than absolute).
+/// A Q4_1 GGUF re-quantized to Q8_0 at load (rows as they are, or padded to 256 columns) computes
+/// nearly what the Q4_1 weights compute: the change is small next to the Q4_1 error itself (random
+/// tiny weights quantize badly, so the bound is relative to that error rather than absolute).
 #[test]
 fn requantized_q4_1_gguf_stays_close_to_q4_1() {
     let dir = tempfile::tempdir().unwrap();
-    let load = |path: &PathBuf, requantize| {
-        let options = GgufOptions { requantize };
+    let load = |path: &PathBuf, requantize, pad_rows| {
+        let options = GgufOptions {
+            requantize,
+            pad_rows,
+        };
         wick::models::load_with(
             &gguf_files(path.clone()),
             &Device::Cpu,
@@ -364,15 +375,19 @@ fn requantized_q4_1_gguf_stays_close_to_q4_1() {
     };
     let f32_path = fixture_as_gguf("tiny-llama", "llama", GgmlDType::F32, dir.path());
     let q4_path = fixture_as_gguf("tiny-llama", "llama", GgmlDType::Q4_1, dir.path());
-    let exact = run_reference_case(load(&f32_path, None).as_ref(), "tiny-llama");
-    let q4 = run_reference_case(load(&q4_path, None).as_ref(), "tiny-llama");
-    let q8 = run_reference_case(load(&q4_path, Some(GgmlDType::Q8_0)).as_ref(), "tiny-llama");
+    let exact = run_reference_case(load(&f32_path, None, true).as_ref(), "tiny-llama");
+    let q4 = run_reference_case(load(&q4_path, None, false).as_ref(), "tiny-llama");
     let q4_error = max_row_diff(&exact, &q4);
-    let requantize_change = max_row_diff(&q4, &q8);
-    println!("Q4_1 vs f32: {q4_error:.3e}; Q4_1 vs Q4_1->Q8_0: {requantize_change:.3e}");
-    assert!(requantize_change > 0.0, "re-quantization did not happen");
-    assert!(
-        requantize_change < 0.25 * q4_error,
-        "re-quantization changed logits by {requantize_change} (Q4_1 error {q4_error})"
-    );
+    for pad_rows in [false, true] {
+        let q8 = run_reference_case(
+            load(&q4_path, Some(GgmlDType::Q8_0), pad_rows).as_ref(),
+            "tiny-llama",
+        );
+        let change = max_row_diff(&q4, &q8);
+        println!(
+            "Q4_1 vs f32: {q4_error:.3e}; Q4_1 vs Q4_1->Q8_0 (pad_rows {pad_rows}): {change:.3e}"
+        );
+        assert!(change > 0.0, "re-quantization did not happen");
+        assert!(change < 0.25 * q4_error, "re-quantization (pad_rows {pad_rows}) changed logits by {change} (Q4_1 error {q4_error})");
+    }
 }

@@ -21,6 +21,9 @@ use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::{ForwardBatch, SeqChunk};
 
+/// Up to this many rows, dense CPU projections compute `(W x^T)^T` (see [`Proj::forward`]).
+const SMALL_BATCH_ROWS: usize = 128;
+
 /// A linear projection `y = x W^T (+ b)`: dense weights or a GGUF quantized matrix.
 #[derive(Debug, Clone)]
 pub(crate) enum Proj {
@@ -28,10 +31,13 @@ pub(crate) enum Proj {
     Dense(candle_nn::Linear),
     /// Quantized weights; input and output f32.
     Quantized {
-        /// The quantized `(out, in)` matrix.
+        /// The quantized `(out, in + in_padding)` matrix.
         weight: QMatMul,
         /// Optional `(out,)` bias, f32.
         bias: Option<Tensor>,
+        /// Zero columns appended to the weight rows (so candle's repacked CPU kernels apply); the
+        /// input gets as many zero columns.
+        in_padding: usize,
     },
 }
 
@@ -54,9 +60,31 @@ impl Proj {
     /// `(tokens, in)` -> `(tokens, out)`.
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(linear) => linear.forward(xs),
-            Self::Quantized { weight, bias } => {
-                let ys = weight.forward(xs)?;
+            Self::Dense(linear) => {
+                let rows = xs.dim(0)?;
+                if xs.rank() == 2 && xs.device().is_cpu() && (2..=SMALL_BATCH_ROWS).contains(&rows)
+                {
+                    // gemm on CPU is several times faster for a few rows as `W x^T` than as
+                    // `x W^T` (measured: 1.1x to 4x for 2 to 128 rows, 576..5632-wide weights, 1 and 2 threads).
+                    let ys = linear.weight().matmul(&xs.t()?)?.t()?.contiguous()?;
+                    match linear.bias() {
+                        Some(b) => ys.broadcast_add(b),
+                        None => Ok(ys),
+                    }
+                } else {
+                    linear.forward(xs)
+                }
+            }
+            Self::Quantized {
+                weight,
+                bias,
+                in_padding,
+            } => {
+                let ys = if *in_padding > 0 {
+                    weight.forward(&xs.pad_with_zeros(D::Minus1, 0, *in_padding)?)?
+                } else {
+                    weight.forward(xs)?
+                };
                 match bias {
                     Some(b) => ys.broadcast_add(b),
                     None => Ok(ys),
