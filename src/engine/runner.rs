@@ -65,7 +65,11 @@ impl EngineState {
                 if !inbox_open {
                     break;
                 }
-                match timer.block_on(tokio::time::timeout(IDLE_WAIT, self.inbox.recv())) {
+                let inbox = &mut self.inbox;
+                // The timeout's timer must be created inside the runtime.
+                let received =
+                    timer.block_on(async { tokio::time::timeout(IDLE_WAIT, inbox.recv()).await });
+                match received {
                     Err(_elapsed) => continue,
                     Ok(None) => break,
                     Ok(Some(command)) => {
