@@ -95,9 +95,9 @@ impl Tokenizer {
 
         let source = match custom_chat_template {
             Some(custom) => Some(custom.to_string()),
-            None => tokenizer_config.as_ref().and_then(select_source_shim),
+            None => tokenizer_config.as_ref().and_then(chat_template::select_source),
         };
-        let chat_template = compile_chat_template_shim(source)?;
+        let chat_template = source.map(chat_template::ChatTemplate::new).transpose()?;
         Ok(Tokenizer {
             inner,
             eos_token_ids,
@@ -138,7 +138,7 @@ impl Tokenizer {
                 .and_then(|v| v.to_string().ok())
                 .cloned(),
         };
-        let chat_template = compile_chat_template_shim(source)?;
+        let chat_template = source.map(chat_template::ChatTemplate::new).transpose()?;
         Ok(Tokenizer {
             inner,
             eos_token_ids,
@@ -174,26 +174,6 @@ impl Tokenizer {
             .decode(ids, skip_special_tokens)
             .map_err(|e| TokenizerError::Codec(e.to_string()))
     }
-}
-
-// Temporary shim until the `job` branch (chat_template::{ChatTemplate::new, select_source}) lands:
-// the source is picked the same way, but no template is compiled yet.
-fn select_source_shim(tokenizer_config: &Value) -> Option<String> {
-    match tokenizer_config.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(named) => named
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template").and_then(Value::as_str))
-            .map(str::to_string),
-        _ => None,
-    }
-}
-
-fn compile_chat_template_shim(
-    _source: Option<String>,
-) -> Result<Option<chat_template::ChatTemplate>, TokenizerError> {
-    Ok(None)
 }
 
 fn file_name(path: &Path) -> String {
@@ -270,6 +250,7 @@ mod tests {
         assert_eq!(tok.eos_token_ids, vec![2004, 2001]);
         assert_eq!(tok.eos_token.as_deref(), Some("<|eot_id|>"));
         assert_eq!(tok.bos_token.as_deref(), Some("<|begin_of_text|>"));
+        assert!(tok.chat_template.is_some());
         let mistral = Tokenizer::from_files(&fixture_files("tiny-mistral"), None).unwrap();
         assert_eq!(mistral.eos_token_ids, vec![2]);
     }
