@@ -109,10 +109,15 @@ pub async fn run_job(
 ) -> Result<Value, JobError> {
     let job_input = JobInput::parse(input, &ctx.limits)?;
     let mut items = Vec::new();
-    let mut sink = output::ItemSink { chunks: &chunks, items: &mut items };
+    let mut sink = output::ItemSink {
+        chunks: &chunks,
+        items: &mut items,
+    };
     match job_input {
-        JobInput::Native(native) => output::run_native(ctx, native, &mut sink, &cancel).await?,
-        JobInput::OpenAi { route, body } => openai::run_route_as_job(ctx, route, body, &mut sink, &cancel).await?,
+        JobInput::Native(native) => output::run_native(ctx, *native, &mut sink, &cancel).await?,
+        JobInput::OpenAi { route, body } => {
+            openai::run_route_as_job(ctx, route, body, &mut sink, &cancel).await?
+        }
     }
     Ok(Value::Array(items))
 }

@@ -18,9 +18,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::input::{field, short_json, OpenAiRoute, PromptSource, RawSamplingParams};
-use super::output::{check_summary, new_request_id, prepare_prompt, unix_now, ChatOptions, ItemSink};
+use super::output::{
+    check_summary, new_request_id, prepare_prompt, unix_now, ChatOptions, ItemSink,
+};
 use super::stream::{expand_n, BatchSize, Generation, SeqSpec};
-use super::validate::{check_json_limits, fit_max_tokens, JobLimits, MaxTokensDefault, ResolvedSampling};
+use super::validate::{
+    check_json_limits, fit_max_tokens, JobLimits, MaxTokensDefault, ResolvedSampling,
+};
 use super::JobContext;
 use crate::engine::{GeneratedToken, SeqEvent, SeqSummary, StopMatch};
 use crate::error::JobError;
@@ -79,14 +83,29 @@ fn invalid(message: String) -> JobError {
 fn as_object<'a>(body: &'a Value, what: &str) -> Result<&'a Map<String, Value>, JobError> {
     match body {
         Value::Object(map) => Ok(map),
-        other => Err(invalid(format!("`{what}` must be a JSON object. Given: {}", short_json(other)))),
+        other => Err(invalid(format!(
+            "`{what}` must be a JSON object. Given: {}",
+            short_json(other)
+        ))),
     }
 }
 
 /// Fields OpenAI or vLLM define that this worker does not implement (beyond the sampling ones).
 fn reject_unsupported_openai(map: &Map<String, Value>) -> Result<(), JobError> {
-    for name in ["functions", "function_call", "documents", "prediction", "audio", "suffix", "continue_final_message", "echo_prompt"] {
-        if map.get(name).is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+    for name in [
+        "functions",
+        "function_call",
+        "documents",
+        "prediction",
+        "audio",
+        "suffix",
+        "continue_final_message",
+        "echo_prompt",
+    ] {
+        if map
+            .get(name)
+            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+        {
             return Err(invalid(format!("`{name}` is not supported by this worker")));
         }
     }
@@ -105,8 +124,13 @@ fn reject_unsupported_openai(map: &Map<String, Value>) -> Result<(), JobError> {
 fn include_usage(map: &Map<String, Value>) -> Result<bool, JobError> {
     match map.get("stream_options") {
         None | Some(Value::Null) => Ok(false),
-        Some(Value::Object(options)) => Ok(field::<bool>(options, "include_usage", "a boolean")?.unwrap_or(false)),
-        Some(other) => Err(invalid(format!("`stream_options` must be an object. Given: {}", short_json(other)))),
+        Some(Value::Object(options)) => {
+            Ok(field::<bool>(options, "include_usage", "a boolean")?.unwrap_or(false))
+        }
+        Some(other) => Err(invalid(format!(
+            "`stream_options` must be an object. Given: {}",
+            short_json(other)
+        ))),
     }
 }
 
@@ -123,7 +147,9 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
     let map = as_object(body, "openai_input")?;
     reject_unsupported_openai(map)?;
     if field::<bool>(map, "echo", "a boolean")?.unwrap_or(false) {
-        return Err(invalid("`echo` is not supported on /v1/chat/completions by this worker".into()));
+        return Err(invalid(
+            "`echo` is not supported on /v1/chat/completions by this worker".into(),
+        ));
     }
     let messages = map
         .get("messages")
@@ -138,7 +164,9 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
     let top_logprobs = field::<i64>(map, "top_logprobs", "an integer")?;
     sampling.logprobs = match (logprobs, top_logprobs) {
         (false, Some(t)) if t > 0 => {
-            return Err(invalid("`top_logprobs` requires `logprobs` to be true".into()));
+            return Err(invalid(
+                "`top_logprobs` requires `logprobs` to be true".into(),
+            ));
         }
         (false, _) => None,
         (true, t) => Some(t.unwrap_or(0)),
@@ -159,7 +187,12 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
             }
             Some(tools.clone())
         }
-        Some(other) => return Err(invalid(format!("`tools` must be a list. Given: {}", short_json(other)))),
+        Some(other) => {
+            return Err(invalid(format!(
+                "`tools` must be a list. Given: {}",
+                short_json(other)
+            )))
+        }
     };
     let enable_thinking = match map.get("chat_template_kwargs") {
         None | Some(Value::Null) => None,
@@ -172,7 +205,10 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
             field::<bool>(kwargs, "enable_thinking", "a boolean")?
         }
         Some(other) => {
-            return Err(invalid(format!("`chat_template_kwargs` must be an object. Given: {}", short_json(other))))
+            return Err(invalid(format!(
+                "`chat_template_kwargs` must be an object. Given: {}",
+                short_json(other)
+            )))
         }
     };
     Ok(ChatRequest {
@@ -182,7 +218,8 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
         stream: field::<bool>(map, "stream", "a boolean")?.unwrap_or(false),
         include_usage: include_usage(map)?,
         tools,
-        add_generation_prompt: field::<bool>(map, "add_generation_prompt", "a boolean")?.unwrap_or(true),
+        add_generation_prompt: field::<bool>(map, "add_generation_prompt", "a boolean")?
+            .unwrap_or(true),
         enable_thinking,
     })
 }
@@ -192,7 +229,10 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
 ///
 /// # Errors
 /// [`JobError::Validation`] naming the field.
-pub fn parse_completion_request(body: &Value, limits: &JobLimits) -> Result<CompletionRequest, JobError> {
+pub fn parse_completion_request(
+    body: &Value,
+    limits: &JobLimits,
+) -> Result<CompletionRequest, JobError> {
     check_json_limits(body, limits)?;
     let map = as_object(body, "openai_input")?;
     reject_unsupported_openai(map)?;
@@ -204,7 +244,10 @@ pub fn parse_completion_request(body: &Value, limits: &JobLimits) -> Result<Comp
         ))
     };
     let token_ids = |items: &[Value]| -> Option<Vec<u32>> {
-        items.iter().map(|t| t.as_u64().and_then(|id| u32::try_from(id).ok())).collect()
+        items
+            .iter()
+            .map(|t| t.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect()
     };
     let prompts = match map.get("prompt") {
         None | Some(Value::Null) => return Err(invalid("`prompt` is required".into())),
@@ -212,13 +255,17 @@ pub fn parse_completion_request(body: &Value, limits: &JobLimits) -> Result<Comp
         Some(list @ Value::Array(items)) if items.is_empty() => return Err(bad_prompt(list)),
         Some(list @ Value::Array(items)) => {
             if items.iter().all(Value::is_number) {
-                vec![CompletionPrompt::Ids(token_ids(items).ok_or_else(|| bad_prompt(list))?)]
+                vec![CompletionPrompt::Ids(
+                    token_ids(items).ok_or_else(|| bad_prompt(list))?,
+                )]
             } else {
                 items
                     .iter()
                     .map(|item| match item {
                         Value::String(text) => Ok(CompletionPrompt::Text(text.clone())),
-                        Value::Array(ids) if !ids.is_empty() => token_ids(ids).map(CompletionPrompt::Ids).ok_or_else(|| bad_prompt(item)),
+                        Value::Array(ids) if !ids.is_empty() => token_ids(ids)
+                            .map(CompletionPrompt::Ids)
+                            .ok_or_else(|| bad_prompt(item)),
                         other => Err(bad_prompt(other)),
                     })
                     .collect::<Result<Vec<_>, _>>()?
@@ -251,7 +298,9 @@ pub fn parse_completion_request(body: &Value, limits: &JobLimits) -> Result<Comp
 pub fn check_model(ctx: &JobContext, model: Option<&str>) -> Result<(), JobError> {
     match model {
         None => Ok(()),
-        Some(name) if name == ctx.served_model_name || name == ctx.engine.info().model_name => Ok(()),
+        Some(name) if name == ctx.served_model_name || name == ctx.engine.info().model_name => {
+            Ok(())
+        }
         Some(name) => Err(JobError::NotFound(format!(
             "The model `{}` does not exist. This worker serves `{}`.",
             short_json(&Value::String(name.to_string())).trim_matches('"'),
@@ -282,7 +331,9 @@ pub fn models_response(ctx: &JobContext) -> Value {
 /// a validation message names first (in backticks), if any. HTTP statuses are the server's business.
 pub fn error_object(err: &JobError) -> Value {
     let kind = match err {
-        JobError::Validation(_) | JobError::TooLong(_) | JobError::Template(_) => "invalid_request_error",
+        JobError::Validation(_) | JobError::TooLong(_) | JobError::Template(_) => {
+            "invalid_request_error"
+        }
         JobError::NotFound(_) => "not_found_error",
         JobError::Overloaded(_) => "server_overloaded",
         JobError::Timeout(_) => "timeout",
@@ -318,7 +369,13 @@ fn chat_logprobs(tokens: &[GeneratedToken]) -> Value {
         .map(|t| {
             let mut value = entry(&t.chosen.token, t.chosen.logprob);
             if let Value::Object(map) = &mut value {
-                map.insert("top_logprobs".into(), t.top.iter().map(|top| entry(&top.token, top.logprob)).collect());
+                map.insert(
+                    "top_logprobs".into(),
+                    t.top
+                        .iter()
+                        .map(|top| entry(&top.token, top.logprob))
+                        .collect(),
+                );
             }
             value
         })
@@ -335,7 +392,10 @@ fn completion_logprobs(tokens: &[GeneratedToken], mut offset: usize) -> Value {
         offset += t.chosen.token.len();
         let mut top = Map::new();
         for candidate in &t.top {
-            top.insert(candidate.token.clone(), json!(finite_logprob(candidate.logprob)));
+            top.insert(
+                candidate.token.clone(),
+                json!(finite_logprob(candidate.logprob)),
+            );
         }
         top_logprobs.push(Value::Object(top));
     }
@@ -403,7 +463,13 @@ impl OaRun<'_> {
         chunk
     }
 
-    fn delta_chunk(&self, index: usize, text: &str, tokens: &[GeneratedToken], offset: usize) -> Value {
+    fn delta_chunk(
+        &self,
+        index: usize,
+        text: &str,
+        tokens: &[GeneratedToken],
+        offset: usize,
+    ) -> Value {
         let logprobs = if self.with_logprobs {
             match self.flavor {
                 Flavor::Chat => chat_logprobs(tokens),
@@ -477,7 +543,11 @@ impl OaRun<'_> {
     }
 }
 
-async fn send_chunk(chunks: &mpsc::Sender<Value>, chunk: Value, cancel: &CancellationToken) -> Result<(), JobError> {
+async fn send_chunk(
+    chunks: &mpsc::Sender<Value>,
+    chunk: Value,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(JobError::Cancelled),
@@ -498,7 +568,11 @@ async fn drive(
     let mut generation = Generation::start(&ctx.engine, &run.id, specs, ctx.request_timeout)?;
     let mut choices: Vec<OaChoice> = prefixes
         .into_iter()
-        .map(|prefix| OaChoice { offset: prefix.len(), text: prefix, ..OaChoice::default() })
+        .map(|prefix| OaChoice {
+            offset: prefix.len(),
+            text: prefix,
+            ..OaChoice::default()
+        })
         .collect();
     if stream {
         for (index, choice) in choices.iter().enumerate() {
@@ -514,7 +588,11 @@ async fn drive(
     while let Some((index, event)) = generation.next(cancel).await? {
         let choice = &mut choices[index];
         match event {
-            SeqEvent::Delta { text, token_ids, logprobs } => {
+            SeqEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => {
                 choice.generated += token_ids.len();
                 if stream && (!text.is_empty() || (run.with_logprobs && !logprobs.is_empty())) {
                     let chunk = run.delta_chunk(index, &text, &logprobs, choice.offset);
@@ -543,7 +621,10 @@ async fn drive(
     Ok(run.response(&choices))
 }
 
-fn resolve_sampling(ctx: &JobContext, sampling: &RawSamplingParams) -> Result<ResolvedSampling, JobError> {
+fn resolve_sampling(
+    ctx: &JobContext,
+    sampling: &RawSamplingParams,
+) -> Result<ResolvedSampling, JobError> {
     sampling.resolve(&ctx.limits, ctx.engine.info().vocab_size)
 }
 
@@ -566,8 +647,13 @@ pub async fn run_chat(
         tools: req.tools.clone(),
         enable_thinking: req.enable_thinking,
     };
-    let prompt_ids =
-        prepare_prompt(ctx, &PromptSource::Chat(req.messages.clone()), options, resolved.truncate_prompt_tokens).await?;
+    let prompt_ids = prepare_prompt(
+        ctx,
+        &PromptSource::Chat(req.messages.clone()),
+        options,
+        resolved.truncate_prompt_tokens,
+    )
+    .await?;
     let mut params = resolved.params;
     params.max_tokens = fit_max_tokens(
         req.sampling.max_tokens,
@@ -586,7 +672,16 @@ pub async fn run_chat(
         prompt_tokens: prompt_ids.len(),
     };
     let specs = expand_n(&prompt_ids, &params, resolved.n);
-    drive(ctx, &run, specs, vec![String::new(); resolved.n], req.stream, chunks, cancel).await
+    drive(
+        ctx,
+        &run,
+        specs,
+        vec![String::new(); resolved.n],
+        req.stream,
+        chunks,
+        cancel,
+    )
+    .await
 }
 
 /// Runs a text completion. Returns the `text_completion` object; when `req.stream`, also sends every
@@ -604,7 +699,10 @@ pub async fn run_completion(
     check_model(ctx, req.model.as_deref())?;
     let resolved = resolve_sampling(ctx, &req.sampling)?;
     if req.echo && resolved.params.logprobs.is_some() {
-        return Err(invalid("`echo` together with `logprobs` is not supported (prompt logprobs are not computed)".into()));
+        return Err(invalid(
+            "`echo` together with `logprobs` is not supported (prompt logprobs are not computed)"
+                .into(),
+        ));
     }
     let vocab_size = ctx.engine.info().vocab_size;
     let mut specs = Vec::new();
@@ -615,7 +713,16 @@ pub async fn run_completion(
         let (ids, text) = match prompt {
             CompletionPrompt::Text(text) => {
                 let source = PromptSource::Text(text.clone());
-                (prepare_prompt(ctx, &source, ChatOptions::default(), resolved.truncate_prompt_tokens).await?, text.clone())
+                (
+                    prepare_prompt(
+                        ctx,
+                        &source,
+                        ChatOptions::default(),
+                        resolved.truncate_prompt_tokens,
+                    )
+                    .await?,
+                    text.clone(),
+                )
             }
             CompletionPrompt::Ids(ids) => {
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
@@ -626,7 +733,10 @@ pub async fn run_completion(
                     ids.drain(..ids.len().saturating_sub(keep));
                 }
                 let text = if req.echo {
-                    ctx.engine.tokenizer().decode(&ids, false).map_err(super::output::tokenizer_error)?
+                    ctx.engine
+                        .tokenizer()
+                        .decode(&ids, false)
+                        .map_err(super::output::tokenizer_error)?
                 } else {
                     String::new()
                 };
@@ -644,7 +754,10 @@ pub async fn run_completion(
         with_logprobs = params.logprobs.is_some();
         prompt_tokens += ids.len();
         specs.extend(expand_n(&ids, &params, resolved.n));
-        prefixes.extend(std::iter::repeat_n(if req.echo { text } else { String::new() }, resolved.n));
+        prefixes.extend(std::iter::repeat_n(
+            if req.echo { text } else { String::new() },
+            resolved.n,
+        ));
     }
     let run = OaRun {
         flavor: Flavor::Completion,
@@ -682,7 +795,9 @@ pub(crate) async fn run_route_as_job(
     let parsed = match route {
         OpenAiRoute::Models => return sink.emit(models_response(ctx), cancel).await,
         OpenAiRoute::ChatCompletions => Parsed::Chat(parse_chat_request(&body, &ctx.limits)?),
-        OpenAiRoute::Completions => Parsed::Completion(parse_completion_request(&body, &ctx.limits)?),
+        OpenAiRoute::Completions => {
+            Parsed::Completion(parse_completion_request(&body, &ctx.limits)?)
+        }
     };
     let stream = match &parsed {
         Parsed::Chat(r) => r.stream,
@@ -709,13 +824,22 @@ pub(crate) async fn run_route_as_job(
         let flush = |lines: &mut Vec<Value>| -> Value {
             let taken = std::mem::take(lines);
             if raw {
-                Value::String(taken.iter().map(|l| l.as_str().unwrap_or_default()).collect())
+                Value::String(
+                    taken
+                        .iter()
+                        .map(|l| l.as_str().unwrap_or_default())
+                        .collect(),
+                )
             } else {
                 Value::Array(taken)
             }
         };
         while let Some(chunk) = receiver.recv().await {
-            lines.push(if raw { Value::String(sse_event(&chunk)) } else { chunk });
+            lines.push(if raw {
+                Value::String(sse_event(&chunk))
+            } else {
+                chunk
+            });
             if batch_size.is_full(lines.len()) {
                 let item = flush(&mut lines);
                 consumer_sink.emit(item, cancel).await?;
@@ -729,7 +853,10 @@ pub(crate) async fn run_route_as_job(
     produced?;
     if raw {
         rest.push(Value::String(SSE_DONE.to_string()));
-        let text: String = rest.iter().map(|l| l.as_str().unwrap_or_default()).collect();
+        let text: String = rest
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default())
+            .collect();
         sink.emit(Value::String(text), cancel).await
     } else if !rest.is_empty() {
         sink.emit(Value::Array(rest), cancel).await
@@ -765,12 +892,30 @@ mod tests {
     fn chat_request_rejects_unsupported_features_by_name() {
         let msgs = json!([{"role": "user", "content": "hi"}]);
         let cases = [
-            (json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}), "`tool_choice`"),
-            (json!({"messages": msgs, "response_format": {"type": "json_object"}}), "`response_format`"),
-            (json!({"messages": msgs, "top_logprobs": 2}), "`top_logprobs`"),
-            (json!({"messages": msgs, "chat_template_kwargs": {"tokenize": true}}), "`chat_template_kwargs.tokenize`"),
-            (json!({"messages": msgs, "chat_template": "{{ 1 }}"}), "`chat_template`"),
-            (json!({"messages": msgs, "logit_bias": {"1": 5}}), "`logit_bias`"),
+            (
+                json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "`tool_choice`",
+            ),
+            (
+                json!({"messages": msgs, "response_format": {"type": "json_object"}}),
+                "`response_format`",
+            ),
+            (
+                json!({"messages": msgs, "top_logprobs": 2}),
+                "`top_logprobs`",
+            ),
+            (
+                json!({"messages": msgs, "chat_template_kwargs": {"tokenize": true}}),
+                "`chat_template_kwargs.tokenize`",
+            ),
+            (
+                json!({"messages": msgs, "chat_template": "{{ 1 }}"}),
+                "`chat_template`",
+            ),
+            (
+                json!({"messages": msgs, "logit_bias": {"1": 5}}),
+                "`logit_bias`",
+            ),
             (json!({"messages": msgs, "n": 99}), "`n`"),
             (json!({}), "`messages`"),
         ];
@@ -783,28 +928,52 @@ mod tests {
             assert_eq!(err.error_type(), "validation");
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
-        let ok = parse_chat_request(&json!({"messages": msgs, "tools": [{"type": "function"}], "tool_choice": "none"}), &limits());
+        let ok = parse_chat_request(
+            &json!({"messages": msgs, "tools": [{"type": "function"}], "tool_choice": "none"}),
+            &limits(),
+        );
         assert!(ok.unwrap().tools.is_some());
     }
 
     #[test]
     fn completion_prompts_take_every_openai_shape() {
-        let p = |v: Value| parse_completion_request(&json!({"prompt": v}), &limits()).map(|r| r.prompts);
-        assert_eq!(p(json!("a")).unwrap(), vec![CompletionPrompt::Text("a".into())]);
-        assert_eq!(p(json!([1, 2])).unwrap(), vec![CompletionPrompt::Ids(vec![1, 2])]);
-        assert_eq!(p(json!(["a", [3]])).unwrap(), vec![CompletionPrompt::Text("a".into()), CompletionPrompt::Ids(vec![3])]);
+        let p = |v: Value| {
+            parse_completion_request(&json!({"prompt": v}), &limits()).map(|r| r.prompts)
+        };
+        assert_eq!(
+            p(json!("a")).unwrap(),
+            vec![CompletionPrompt::Text("a".into())]
+        );
+        assert_eq!(
+            p(json!([1, 2])).unwrap(),
+            vec![CompletionPrompt::Ids(vec![1, 2])]
+        );
+        assert_eq!(
+            p(json!(["a", [3]])).unwrap(),
+            vec![
+                CompletionPrompt::Text("a".into()),
+                CompletionPrompt::Ids(vec![3])
+            ]
+        );
         assert!(p(json!([])).is_err());
         assert!(p(json!([-1])).is_err());
         assert!(p(json!({"a": 1})).is_err());
-        let err = parse_completion_request(&json!({"prompt": ["a", "b"], "n": 9}), &limits()).unwrap_err();
-        assert_eq!(err.to_string(), "`prompt` count x `n` must be <= 16. Given: 2 prompts x 9");
-        let err = parse_completion_request(&json!({"prompt": "a", "suffix": "z"}), &limits()).unwrap_err();
+        let err = parse_completion_request(&json!({"prompt": ["a", "b"], "n": 9}), &limits())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`prompt` count x `n` must be <= 16. Given: 2 prompts x 9"
+        );
+        let err = parse_completion_request(&json!({"prompt": "a", "suffix": "z"}), &limits())
+            .unwrap_err();
         assert!(err.to_string().contains("`suffix`"));
     }
 
     #[test]
     fn error_object_has_openai_fields() {
-        let e = error_object(&JobError::Validation("`top_p` must be > 0.0 and <= 1.0. Given: 1.5".into()));
+        let e = error_object(&JobError::Validation(
+            "`top_p` must be > 0.0 and <= 1.0. Given: 1.5".into(),
+        ));
         assert_eq!(
             e,
             json!({"error": {"message": "`top_p` must be > 0.0 and <= 1.0. Given: 1.5", "type": "invalid_request_error", "param": "top_p", "code": "validation"}})
@@ -816,10 +985,20 @@ mod tests {
 
     #[test]
     fn logprob_shapes_follow_openai() {
-        let t = |id: u32, s: &str, lp: f32| TokenLogprob { token_id: id, token: s.into(), logprob: lp };
+        let t = |id: u32, s: &str, lp: f32| TokenLogprob {
+            token_id: id,
+            token: s.into(),
+            logprob: lp,
+        };
         let tokens = vec![
-            GeneratedToken { chosen: t(1, "Hi", -0.25), top: vec![t(1, "Hi", -0.25), t(2, "Yo", -2.0)] },
-            GeneratedToken { chosen: t(3, "!", f32::NEG_INFINITY), top: vec![] },
+            GeneratedToken {
+                chosen: t(1, "Hi", -0.25),
+                top: vec![t(1, "Hi", -0.25), t(2, "Yo", -2.0)],
+            },
+            GeneratedToken {
+                chosen: t(3, "!", f32::NEG_INFINITY),
+                top: vec![],
+            },
         ];
         assert_eq!(
             chat_logprobs(&tokens),
