@@ -82,7 +82,7 @@ impl JobContext {
             limits: JobLimits::from_config(config, max_model_len),
             served_model_name,
             stream_defaults: StreamBatching::from_config(config),
-            raw_openai_output: true,
+            raw_openai_output: config.raw_openai_output,
             request_timeout: Duration::from_secs(config.request_timeout_secs.max(1)),
             engine,
         }
@@ -120,4 +120,20 @@ pub async fn run_job(
         }
     }
     Ok(Value::Array(items))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::config::Config;
+
+    #[test]
+    fn raw_openai_output_accepts_worker_vllm_values() {
+        assert!(Config::for_test().raw_openai_output);
+        for (value, expected) in [("0", false), ("1", true), ("false", false), ("true", true)] {
+            let config = Config::try_parse_from(["wick", "--raw-openai-output", value]).unwrap();
+            assert_eq!(config.raw_openai_output, expected, "{value}");
+        }
+    }
 }
