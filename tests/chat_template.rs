@@ -122,3 +122,26 @@ fn qwen_template_renders_tools_with_python_json() {
         "{rendered}"
     );
 }
+
+#[test]
+fn the_largest_allowed_conversation_renders_within_the_fuel_budget() {
+    // 1024 messages (the job limit) through the most complex fixture template.
+    let config = read_json(fixture("tiny-qwen2").join("tokenizer_config.json"));
+    let template = ChatTemplate::new(select_source(&config).unwrap()).unwrap();
+    let messages: Vec<Value> = (0..wick::job::validate::MAX_MESSAGES)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            serde_json::json!({"role": role, "content": format!("message number {i} with a few words of text")})
+        })
+        .collect();
+    let rendered = template
+        .render(
+            &Value::Array(messages),
+            true,
+            None,
+            Some("<|im_end|>"),
+            None,
+        )
+        .unwrap();
+    assert!(rendered.contains("message number 1023"));
+}

@@ -565,6 +565,7 @@ async fn drive(
     chunks: &mpsc::Sender<Value>,
     cancel: &CancellationToken,
 ) -> Result<Value, JobError> {
+    tracing::debug!(request_id = %run.id, prompt_tokens = run.prompt_tokens, sequences = specs.len(), stream, "openai request validated");
     let mut generation = Generation::start(&ctx.engine, &run.id, specs, ctx.request_timeout)?;
     let mut choices: Vec<OaChoice> = prefixes
         .into_iter()

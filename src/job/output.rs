@@ -238,6 +238,13 @@ pub(crate) async fn run_native(
     )?;
     let with_logprobs = params.logprobs.is_some();
     let prompt_tokens = prompt_ids.len();
+    tracing::debug!(
+        prompt_tokens,
+        n = resolved.n,
+        max_tokens = params.max_tokens,
+        stream = input.stream,
+        "native job validated"
+    );
     let specs = expand_n(&prompt_ids, &params, resolved.n);
     let mut generation = Generation::start(
         &ctx.engine,

@@ -56,7 +56,8 @@ impl JobLimits {
         // tokenizer's input (reliability-security 1b).
         let max_prompt_bytes = max_model_len
             .saturating_mul(16)
-            .clamp(64 * 1024, config.max_request_bytes.max(1));
+            .max(64 * 1024)
+            .min(config.max_request_bytes.max(1));
         JobLimits {
             max_payload_bytes: config.max_request_bytes,
             max_json_depth: MAX_JSON_DEPTH,
@@ -648,6 +649,24 @@ mod tests {
             message(resolve(json!({"stop": [""]}))),
             "`stop` strings cannot be empty"
         );
+    }
+
+    #[test]
+    fn prompt_bytes_limit_follows_context_and_payload_limits() {
+        let config = Config::for_test();
+        assert_eq!(
+            JobLimits::from_config(&config, 2048).max_prompt_bytes,
+            64 * 1024
+        );
+        assert_eq!(
+            JobLimits::from_config(&config, 131_072).max_prompt_bytes,
+            2 * 1024 * 1024
+        );
+        let tiny = Config {
+            max_request_bytes: 1000,
+            ..Config::for_test()
+        };
+        assert_eq!(JobLimits::from_config(&tiny, 2048).max_prompt_bytes, 1000);
     }
 
     #[test]
