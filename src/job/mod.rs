@@ -107,6 +107,22 @@ pub async fn run_job(
     chunks: mpsc::Sender<Value>,
     cancel: CancellationToken,
 ) -> Result<Value, JobError> {
+    run_job_with_id(ctx, &output::new_request_id("job-"), input, chunks, cancel).await
+}
+
+/// [`run_job`] with the caller's id (e.g. the RunPod job id) on the engine requests of a native job,
+/// so engine logs and spans name the job (`{id}`, or `{id}-{i}` for `n` > 1). OpenAI routes use
+/// their response id (`chatcmpl-...`, `cmpl-...`) instead.
+///
+/// # Errors
+/// As [`run_job`].
+pub async fn run_job_with_id(
+    ctx: &JobContext,
+    request_id: &str,
+    input: Value,
+    chunks: mpsc::Sender<Value>,
+    cancel: CancellationToken,
+) -> Result<Value, JobError> {
     let job_input = JobInput::parse(input, &ctx.limits)?;
     let mut items = Vec::new();
     let mut sink = output::ItemSink {
@@ -114,7 +130,9 @@ pub async fn run_job(
         items: &mut items,
     };
     match job_input {
-        JobInput::Native(native) => output::run_native(ctx, *native, &mut sink, &cancel).await?,
+        JobInput::Native(native) => {
+            output::run_native(ctx, request_id, *native, &mut sink, &cancel).await?
+        }
         JobInput::OpenAi { route, body } => {
             openai::run_route_as_job(ctx, route, body, &mut sink, &cancel).await?
         }

@@ -215,6 +215,7 @@ fn native_item(choices: &mut [NativeChoice], prompt_tokens: usize, with_logprobs
 /// Runs a native job (`prompt` / `messages`) and yields its items.
 pub(crate) async fn run_native(
     ctx: &JobContext,
+    request_id: &str,
     input: NativeInput,
     sink: &mut ItemSink<'_>,
     cancel: &CancellationToken,
@@ -246,12 +247,7 @@ pub(crate) async fn run_native(
         "native job validated"
     );
     let specs = expand_n(&prompt_ids, &params, resolved.n);
-    let mut generation = Generation::start(
-        &ctx.engine,
-        &new_request_id("job-"),
-        specs,
-        ctx.request_timeout,
-    )?;
+    let mut generation = Generation::start(&ctx.engine, request_id, specs, ctx.request_timeout)?;
     let batching = ctx.stream_defaults.with_overrides(
         input.max_batch_size,
         input.min_batch_size,
