@@ -367,3 +367,15 @@ async fn every_validation_error_names_field_limit_and_value() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_job_past_its_deadline_fails_with_timeout() {
+    let mut ctx = context().clone();
+    // A zero deadline has passed before the first event can arrive.
+    ctx.request_timeout = Duration::ZERO;
+    let input = json!({"prompt": "Hello", "sampling_params": {"max_tokens": 50}});
+    let (result, chunks) = job_support::run_with(&ctx, input, CancellationToken::new()).await;
+    let err = expect_err(result);
+    assert_eq!(err.error_type(), "timeout", "{err}");
+    assert!(chunks.is_empty());
+}
