@@ -167,6 +167,9 @@ pub struct Config {
     /// yields lists of chunk objects instead.
     #[arg(long, env = "RAW_OPENAI_OUTPUT", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub raw_openai_output: bool,
+    /// worker-vllm's name for the model name in OpenAI responses; wins over SERVED_MODEL_NAME there.
+    #[arg(long, env = "OPENAI_SERVED_MODEL_NAME_OVERRIDE")]
+    pub openai_served_model_name_override: Option<String>,
 }
 
 /// A configuration that cannot work; the message names the flag.

@@ -265,3 +265,24 @@ async fn raw_openai_output_off_yields_lists_of_chunk_objects() {
         "length"
     );
 }
+
+#[tokio::test]
+async fn openai_served_model_name_override_names_the_model_and_the_engine_name_is_accepted() {
+    let config = wick::config::Config {
+        served_model_name: Some(MODEL.into()),
+        openai_served_model_name_override: Some("my-org/renamed".into()),
+        ..wick::config::Config::for_test()
+    };
+    let ctx = wick::job::JobContext::new(context().engine.clone(), &config);
+    let (models, _) = job_support::run_with(
+        &ctx,
+        json!({"openai_route": "/v1/models"}),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(models.unwrap()[0]["data"][0]["id"], "my-org/renamed");
+    // The engine's own name (SERVED_MODEL_NAME here) still works in requests.
+    let input = json!({"openai_route": "/v1/completions", "openai_input": {"model": MODEL, "prompt": "Hi", "max_tokens": 1}});
+    let (result, _) = job_support::run_with(&ctx, input, CancellationToken::new()).await;
+    assert_eq!(result.unwrap()[0]["model"], "my-org/renamed");
+}

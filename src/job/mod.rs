@@ -59,7 +59,8 @@ pub struct JobContext {
     pub engine: EngineHandle,
     /// Input limits.
     pub limits: JobLimits,
-    /// Model name reported in OpenAI responses and `/v1/models`.
+    /// Model name reported in OpenAI responses and `/v1/models` (`OPENAI_SERVED_MODEL_NAME_OVERRIDE`,
+    /// else `SERVED_MODEL_NAME`, else the engine's model name). Requests may name it or the engine's.
     pub served_model_name: String,
     /// Default stream chunking (per-job `max_batch_size` etc. override it).
     pub stream_defaults: StreamBatching,
@@ -75,8 +76,9 @@ impl JobContext {
     pub fn new(engine: EngineHandle, config: &Config) -> JobContext {
         let max_model_len = engine.info().max_model_len;
         let served_model_name = config
-            .served_model_name
+            .openai_served_model_name_override
             .clone()
+            .or_else(|| config.served_model_name.clone())
             .unwrap_or_else(|| engine.info().model_name.clone());
         JobContext {
             limits: JobLimits::from_config(config, max_model_len),
