@@ -16,8 +16,11 @@
 //! - `stream: true`: items are `{"choices":[{"tokens":[text delta, ...]}, ...], "usage":{"input":N,
 //!   "output":M}}` with one choice per `n`, batched 1 → 3 → 9 → 27 → 50 tokens per item
 //!   (`min_batch_size`, `batch_size_growth_factor`, `max_batch_size`; defaults from the config). A
-//!   choice gains `"finish_reason"` (`"stop"`/`"length"`) in the item where it ends, and `"logprobs"`
-//!   (see [`output`]) when `sampling_params.logprobs` is set. `usage` is cumulative.
+//!   choice gains `"finish_reason"` (`"stop"`/`"length"`) in the item where it ends (when the last
+//!   token exactly filled a batch, a final item carries the finish reasons with empty `tokens`), and
+//!   `"logprobs"` (see [`output`]) when `sampling_params.logprobs` is set. `usage` is cumulative;
+//!   `usage.input` counts the prompt once whatever `n` is. A token that ends inside a multi-byte
+//!   character contributes `""` and its text arrives with the next token.
 //! - `stream: false`: one item with the whole text per choice: `{"choices":[{"tokens":["full text"],
 //!   "finish_reason":"length"}], "usage":{...}}`.
 //!
