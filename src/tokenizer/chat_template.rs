@@ -584,6 +584,13 @@ mod tests {
     }
 
     #[test]
+    fn values_print_as_python_jinja2_prints_them() {
+        let src = "{{ none }}|{{ true }}|{{ messages[0].x }}|{{ [1, 'a', none] }}|{{ 1.0 }}";
+        let out = render(src, json!([{"x": null}])).unwrap();
+        assert_eq!(out, "None|True|None|[1, 'a', None]|1.0");
+    }
+
+    #[test]
     fn raise_exception_surfaces_the_template_message() {
         let err = render("{{ raise_exception('roles must alternate') }}", json!([])).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
