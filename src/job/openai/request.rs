@@ -159,6 +159,11 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
         (true, t) => Some(t.unwrap_or(0)),
     };
     if let Some(max) = field::<i64>(map, "max_completion_tokens", "an integer")? {
+        if max < 1 {
+            return Err(invalid(format!(
+                "`max_completion_tokens` must be at least 1. Given: {max}"
+            )));
+        }
         sampling.max_tokens = Some(max);
     }
     let tools = match map.get("tools") {
