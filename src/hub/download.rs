@@ -328,14 +328,15 @@ impl<'a> Fetcher<'a> {
         files: &[(String, bool)],
         known: &HashMap<String, HeadMeta>,
     ) -> Result<Vec<PlannedFile>, HubError> {
-        let located: Vec<Located> = stream::iter(
-            files
-                .iter()
-                .map(|(name, _)| self.locate(commit, name, known.get(name))),
-        )
-        .buffered(MAX_PARALLEL_HEADS)
-        .try_collect()
-        .await?;
+        // Futures collected first: a closure inside the stream type would make the future !Send.
+        let lookups: Vec<_> = files
+            .iter()
+            .map(|(name, _)| self.locate(commit, name, known.get(name)))
+            .collect();
+        let located: Vec<Located> = stream::iter(lookups)
+            .buffered(MAX_PARALLEL_HEADS)
+            .try_collect()
+            .await?;
         let mut planned = Vec::new();
         for ((name, required), located) in files.iter().zip(located) {
             let (etag, mut expected) = match located {
@@ -458,7 +459,11 @@ impl<'a> Fetcher<'a> {
             );
         }
         let started = Instant::now();
-        let work = stream::iter(planned.iter().map(|p| self.ensure_file(commit, p)))
+        let jobs: Vec<_> = planned
+            .iter()
+            .map(|p| self.ensure_file(commit, p))
+            .collect();
+        let work = stream::iter(jobs)
             .buffered(self.opts.max_parallel_downloads.max(1))
             .try_collect::<Vec<PathBuf>>();
         tokio::pin!(work);
