@@ -1162,3 +1162,99 @@ async fn resolve_model_takes_everything_from_the_config() {
     );
     assert!(hub.requests().is_empty());
 }
+
+/// Median of a few timings, in milliseconds.
+fn median_ms(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark (prints figures); run: cargo test --test hub_download -- --ignored --nocapture"]
+async fn bench_cold_download_and_warm_resolve() {
+    use std::time::Instant;
+    tracing_subscriber::fmt().with_test_writer().try_init().ok();
+    let hub = start_hub().await;
+    let size: usize = 100 * 1024 * 1024;
+    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(7) % 251) as u8).collect();
+    let started = Instant::now();
+    let sha = sha256_hex(&data);
+    let hash_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut files = BTreeMap::new();
+    files.insert("big.gguf".to_string(), mock_file(data, true));
+    hub.add_repo(
+        "org/bench",
+        MockRepo {
+            files,
+            gated: false,
+        },
+    );
+    let req = request(
+        "org/bench",
+        "main",
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let mb = size as f64 / 1e6;
+
+    let mut cold = Vec::new();
+    let mut warm_cache = None;
+    for _ in 0..3 {
+        let cache = tempfile::tempdir().unwrap();
+        let opts = options(&hub, cache.path());
+        let started = Instant::now();
+        resolve(&req, &opts).await.unwrap();
+        cold.push(started.elapsed());
+        warm_cache = Some(cache);
+    }
+    let cache = warm_cache.unwrap();
+    let opts = options(&hub, cache.path());
+    let mut warm_branch = Vec::new();
+    let mut warm_pinned = Vec::new();
+    let pinned = request(
+        "org/bench",
+        COMMIT,
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    for _ in 0..5 {
+        let started = Instant::now();
+        resolve(&req, &opts).await.unwrap();
+        warm_branch.push(started.elapsed());
+        let started = Instant::now();
+        resolve(&pinned, &opts).await.unwrap();
+        warm_pinned.push(started.elapsed());
+    }
+    // A cache filled by another tool (no .verified marker): the first start hashes once.
+    let marker = repo_dir(cache.path(), "org/bench").join(format!("blobs/{sha}.verified"));
+    std::fs::remove_file(&marker).unwrap();
+    let started = Instant::now();
+    resolve(&pinned, &opts).await.unwrap();
+    let rehash = started.elapsed();
+
+    let cold_ms = median_ms(cold);
+    println!("payload: {mb:.1} MB (one LFS file through the mock hub's 302 to its CDN route)");
+    println!(
+        "sha256 of the payload in memory: {hash_ms:.0} ms ({:.0} MB/s)",
+        mb / hash_ms * 1000.0
+    );
+    println!(
+        "cold download + verify (median of 3): {cold_ms:.0} ms = {:.1} MB/s",
+        mb / cold_ms * 1000.0
+    );
+    println!(
+        "warm resolve, branch `main` (1 HEAD, no hash), median of 5: {:.2} ms",
+        median_ms(warm_branch)
+    );
+    println!(
+        "warm resolve, pinned commit (no request, no hash), median of 5: {:.2} ms",
+        median_ms(warm_pinned)
+    );
+    println!(
+        "warm resolve without a .verified marker (hashes once): {:.0} ms",
+        rehash.as_secs_f64() * 1000.0
+    );
+}

@@ -711,7 +711,7 @@ impl<'a> Fetcher<'a> {
                 request = request.bearer_auth(token.expose());
             }
             let response = request.send().await.map_err(|e| Attempt::Retry {
-                error: self.network(file, 0, e.without_url().to_string()),
+                error: self.network(file, 0, error_chain(&e.without_url())),
                 after: None,
             })?;
             let status = response.status();
@@ -1037,6 +1037,18 @@ impl Drop for PartialGuard {
             }
         }
     }
+}
+
+/// An error and its sources, `: `-joined (reqwest's own message alone is often just "error sending request").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn is_regular_file(path: &Path) -> bool {

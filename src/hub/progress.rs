@@ -89,7 +89,9 @@ impl Transfer {
 
     /// Logs the current status.
     pub fn log(&self) {
-        tracing::info!(model = %self.label, "downloading: {}", self.summary());
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        let stage = if total > 0 && self.done_bytes() >= total { "verifying" } else { "downloading" };
+        tracing::info!(model = %self.label, "{stage}: {}", self.summary());
     }
 
     fn update(&self, file: &str, f: impl FnOnce(&mut FileState)) {
