@@ -1275,3 +1275,32 @@ async fn bench_cold_download_and_warm_resolve() {
         println!("log: {line}");
     }
 }
+
+#[tokio::test]
+async fn cache_filled_by_another_tool_is_hashed_once_then_trusted() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let online = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    // Python/hf-hub leave the same layout without wick's markers.
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    let markers: Vec<PathBuf> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "verified"))
+        .collect();
+    assert_eq!(markers.len(), 5, "one marker per file");
+    for marker in &markers {
+        std::fs::remove_file(marker).unwrap();
+    }
+    let mut offline = options(&hub, cache.path());
+    offline.offline = true;
+    hub.clear();
+    assert_eq!(resolve(&llama("main"), &offline).await.unwrap(), online);
+    assert!(hub.requests().is_empty());
+    assert!(
+        markers.iter().all(|m| m.exists()),
+        "markers written after hashing"
+    );
+}
