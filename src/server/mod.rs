@@ -66,8 +66,6 @@ pub struct AppState {
     ids: IdGenerator,
     /// SHA-256 of the API key, compared in constant time.
     api_key_digest: Option<[u8; 32]>,
-    /// Unix time the server started (`created` of `/v1/models` entries).
-    started_unix: u64,
 }
 
 impl AppState {
@@ -75,7 +73,8 @@ impl AppState {
         let mut openai_ctx = ctx.clone();
         // The server frames SSE itself from chunk objects, and streams every engine delta at once.
         openai_ctx.raw_openai_output = false;
-        openai_ctx.stream_defaults = crate::job::StreamBatching::per_token();
+        openai_ctx.stream_defaults =
+            crate::job::StreamBatching { max_batch_size: 1, min_batch_size: 1, growth_factor: 1.0 };
         let run_slots = ctx.engine.info().max_num_seqs;
         AppState {
             runpod_ctx: ctx.clone(),
@@ -87,10 +86,6 @@ impl AppState {
             tasks: TaskTracker::new(),
             ids: IdGenerator::default(),
             api_key_digest: settings.api_key.as_ref().map(|k| routes::digest(k.expose())),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
             settings,
         }
     }

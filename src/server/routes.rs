@@ -202,6 +202,7 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
     let token = match value.split_once(' ') {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
         Some(_) => return None,
+        None if value.eq_ignore_ascii_case("bearer") => return None,
         None => value,
     };
     (!token.is_empty()).then_some(token)
