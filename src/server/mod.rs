@@ -73,25 +73,34 @@ impl AppState {
         let mut openai_ctx = ctx.clone();
         // The server frames SSE itself from chunk objects, and streams every engine delta at once.
         openai_ctx.raw_openai_output = false;
-        openai_ctx.stream_defaults =
-            crate::job::StreamBatching { max_batch_size: 1, min_batch_size: 1, growth_factor: 1.0 };
+        openai_ctx.stream_defaults = crate::job::StreamBatching {
+            max_batch_size: 1,
+            min_batch_size: 1,
+            growth_factor: 1.0,
+        };
         let run_slots = ctx.engine.info().max_num_seqs;
         AppState {
             runpod_ctx: ctx.clone(),
             openai_ctx,
-            store: Arc::new(JobStore::new(settings.retention, settings.max_finished_jobs)),
+            store: Arc::new(JobStore::new(
+                settings.retention,
+                settings.max_finished_jobs,
+            )),
             admission: Admission::new(run_slots, settings.max_waiting),
             metrics: Metrics::default(),
             shutdown,
             tasks: TaskTracker::new(),
             ids: IdGenerator::default(),
-            api_key_digest: settings.api_key.as_ref().map(|k| routes::digest(k.expose())),
+            api_key_digest: settings
+                .api_key
+                .as_ref()
+                .map(|k| routes::digest(k.expose())),
             settings,
         }
     }
 
     /// The admission gate (for tests and metrics).
-    pub fn admission(&self) -> &Admission {
+    pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
     }
 
@@ -151,20 +160,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let (app, state) = router(&ctx, settings, shutdown.clone())?;
+    serve(app, state, listener, shutdown).await
+}
+
+/// Serves a router made by [`router`] (with its state) on `listener` until `shutdown` fires, then
+/// cancels in-flight requests and waits for their tasks.
+///
+/// # Errors
+/// As [`run`].
+pub async fn serve(
+    app: axum::Router,
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    if !local.ip().is_loopback() && settings.api_key.is_none() {
+    if !local.ip().is_loopback() && state.api_key_digest.is_none() {
         return Err(ServerError::Config(format!(
             "refusing to serve on {local} without an API key: set WICK_API_KEY or --api-key-file"
         )));
     }
-    let (app, state) = router(&ctx, settings, shutdown.clone())?;
     tracing::info!(
         addr = %local,
         auth = state.api_key_digest.is_some(),
         model = %state.runpod_ctx.served_model_name,
         "dev API server listening"
     );
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
     // Whatever ended serving, stop the request tasks too.
     shutdown.cancel();
     state.tasks.close();
