@@ -215,7 +215,7 @@ pub(crate) fn stop_field(map: &Map<String, Value>, name: &str) -> Result<Option<
     match map.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
-        Some(value) => field::<Vec<String>>(map, name, "a string or a list of strings"),
+        Some(_) => field::<Vec<String>>(map, name, "a string or a list of strings"),
     }
 }
 

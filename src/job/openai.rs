@@ -17,12 +17,12 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::input::{field, reject_unsupported, short_json, OpenAiRoute, PromptSource, RawSamplingParams};
+use super::input::{field, short_json, OpenAiRoute, PromptSource, RawSamplingParams};
 use super::output::{check_summary, new_request_id, prepare_prompt, unix_now, ChatOptions, ItemSink};
 use super::stream::{expand_n, BatchSize, Generation, SeqSpec};
 use super::validate::{check_json_limits, fit_max_tokens, JobLimits, MaxTokensDefault, ResolvedSampling};
 use super::JobContext;
-use crate::engine::{FinishReason, GeneratedToken, SeqEvent, SeqSummary, StopMatch};
+use crate::engine::{GeneratedToken, SeqEvent, SeqSummary, StopMatch};
 use crate::error::JobError;
 
 /// A validated `/v1/chat/completions` request.

@@ -56,6 +56,7 @@ pub fn select_source(tokenizer_config: &serde_json::Value) -> Option<String> {
 /// A compiled chat template. Compile once per model; rendering is `&self` and thread-safe.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -85,13 +86,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source)).map_err(template_error)?;
-        Ok(ChatTemplate { env })
+        let source = strip_generation_tags(&source);
+        env.add_template_owned(TEMPLATE_NAME, source.clone()).map_err(template_error)?;
+        Ok(ChatTemplate { env, source })
     }
 
     /// The (preprocessed) template source.
     pub fn source(&self) -> &str {
-        self.env.get_template(TEMPLATE_NAME).map(|t| t.source()).unwrap_or_default()
+        &self.source
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`) into a prompt string, as
