@@ -696,6 +696,7 @@ async fn metrics_count_requests_tokens_and_latencies() {
         )
         .await;
     assert_eq!(status, 200);
+    server.wait_engine_idle().await;
     let after = server.metrics().await;
     assert_eq!(
         metric(
@@ -734,5 +735,95 @@ async fn metrics_count_requests_tokens_and_latencies() {
         "{after}"
     );
     assert!(after.contains("wick_num_sequences_running 0"), "{after}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_their_deadline_time_out() {
+    let server = TestServer::start(Options {
+        max_num_seqs: 1,
+        request_timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    // With the only run slot held, both requests wait in the queue until their deadline passes.
+    let held = server.state.admission().try_admit().unwrap();
+    let slot = held.run_slot().await;
+    let (status, body) = server
+        .post(
+            "/v1/chat/completions",
+            &chat("hi", json!({"max_tokens": 2})),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    let (_, body) = server
+        .post(
+            "/run",
+            &json!({"input": {"prompt": "hi", "sampling_params": {"max_tokens": 2}}}),
+        )
+        .await;
+    let id = body["id"].as_str().unwrap().to_string();
+    let body = wait_for_status(&server, &id, "TIMED_OUT").await;
+    assert!(
+        body["error"].as_str().unwrap().contains("deadline"),
+        "{body}"
+    );
+    drop(slot);
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_streams_and_the_server() {
+    let server = TestServer::start(Options::default()).await;
+    let body = json!({"prompt": "hello", "max_tokens": 1900, "ignore_eos": true, "stream": true});
+    let response = server
+        .client
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream();
+    events.next().await.unwrap().unwrap();
+    server.shutdown.cancel();
+    let mut rest = Vec::new();
+    while let Some(chunk) = events.next().await {
+        match chunk {
+            Ok(bytes) => rest.extend_from_slice(&bytes),
+            Err(_) => break,
+        }
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(
+        rest.ends_with("data: [DONE]\n\n"),
+        "the stream ends cleanly: {rest:?}"
+    );
+    assert!(
+        rest.contains(r#""code":"shutting_down""#),
+        "an error event says why: {rest:?}"
+    );
+    server.wait_engine_idle().await;
+    assert!(server.engine.stats().generated_tokens_total < 1900);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_stopped_engine() {
+    let server = TestServer::start(Options::default()).await;
+    server.engine.shutdown().await;
+    wait_until("the engine stops", || !server.engine.is_running()).await;
+    let (status, body) = server.get("/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["workers"]["unhealthy"], 1, "{body}");
+    let (status, body) = server
+        .post(
+            "/v1/chat/completions",
+            &chat("hi", json!({"max_tokens": 2})),
+        )
+        .await;
+    assert!(status == 500 || status == 503, "{status}: {body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
     server.stop().await;
 }

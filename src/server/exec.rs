@@ -135,14 +135,14 @@ async fn execute_inner(
     let deadline = tokio::time::Instant::from_std(deadline);
     let _slot = tokio::select! {
         biased;
-        () = cancel.cancelled() => return Err(JobError::Cancelled),
+        () = cancel.cancelled() => return Err(cancelled(state)),
         () = sleep_until(deadline) => {
             return Err(JobError::Timeout("the request waited for a free slot past its deadline".into()))
         }
         slot = permit.run_slot() => slot,
     };
     if !on_start() {
-        return Err(JobError::Cancelled);
+        return Err(cancelled(state));
     }
     let started = Instant::now();
     timings.started = Some(started);
@@ -166,7 +166,7 @@ async fn execute_inner(
     while result.is_none() || items_open {
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return Err(JobError::Cancelled),
+            () = cancel.cancelled() => return Err(cancelled(state)),
             () = sleep_until(run_deadline) => {
                 job_cancel.cancel();
                 return Err(JobError::Timeout(format!(
@@ -184,7 +184,17 @@ async fn execute_inner(
             finished = &mut job, if result.is_none() => result = Some(finished),
         }
     }
-    result.unwrap_or(Err(JobError::Cancelled))
+    result.unwrap_or_else(|| Err(cancelled(state)))
+}
+
+/// The error of a cancelled run: shutting down when the server is stopping, else cancelled (by
+/// `/cancel` or a client that went away).
+fn cancelled(state: &AppState) -> JobError {
+    if state.shutdown.is_cancelled() {
+        JobError::ShuttingDown("the server is shutting down".into())
+    } else {
+        JobError::Cancelled
+    }
 }
 
 /// Sends one item to the sink. A gone SSE client cancels the job.
