@@ -827,3 +827,28 @@ async fn health_reports_a_stopped_engine() {
     assert!(body["error"]["message"].is_string(), "{body}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_client_disconnect_cancels_too() {
+    let server = TestServer::start(Options::default()).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let max_tokens = 1900;
+    let body = json!({"prompt": "hello", "max_tokens": max_tokens, "ignore_eos": true});
+    let sent = impatient
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up before the answer");
+    wait_until("the request reached the engine", || {
+        server.engine.stats().prompt_tokens_total > 0
+    })
+    .await;
+    server.wait_engine_idle().await;
+    let generated = server.engine.stats().generated_tokens_total;
+    assert!(generated < max_tokens as u64, "ran to the end: {generated}");
+    server.stop().await;
+}
