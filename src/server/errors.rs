@@ -23,9 +23,10 @@ pub enum Flavor {
 }
 
 impl Flavor {
-    /// The flavor of a request path: `/v1/...` is OpenAI, everything else RunPod.
+    /// The flavor of a request path: `/v1/...` and `.../openai/v1/...` are OpenAI, everything else
+    /// RunPod.
     pub fn of_path(path: &str) -> Flavor {
-        if path == "/v1" || path.starts_with("/v1/") {
+        if path == "/v1" || path.starts_with("/v1/") || path.contains("/openai/v1/") {
             Flavor::OpenAi
         } else {
             Flavor::RunPod
@@ -230,5 +231,6 @@ mod tests {
         assert_eq!(Flavor::of_path("/v1/chat/completions"), Flavor::OpenAi);
         assert_eq!(Flavor::of_path("/v2/abc/run"), Flavor::RunPod);
         assert_eq!(Flavor::of_path("/v1x"), Flavor::RunPod);
+        assert_eq!(Flavor::of_path("/v2/ep/openai/v1/models"), Flavor::OpenAi);
     }
 }

@@ -1,7 +1,7 @@
 //! The local dev API server (`wick --serve-api`): RunPod's public API (`/run`, `/runsync`,
 //! `/status`, `/stream`, `/cancel`, `/retry`, `/health`, `/purge-queue`, bare and under
 //! `/v2/{endpoint_id}/`) and OpenAI's (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, JSON
-//! and SSE), plus `/metrics`.
+//! and SSE; also under RunPod's passthrough prefix `/v2/{endpoint_id}/openai`), plus `/metrics`.
 //!
 //! Owned here: routing ([`routes::ROUTES`] is the single route table), auth, CORS, host checks, body
 //! limit, admission (429), per-request deadlines, the RunPod job store, SSE framing, metrics, and the

@@ -90,6 +90,7 @@ const fn spec(method: &'static str, path: &'static str, route: Route) -> RouteSp
 
 /// Every route. RunPod routes exist bare and under `/v2/{endpoint_id}` (any endpoint id), with the
 /// real API's methods; status, stream and health also accept POST, as the local SDK server does.
+/// OpenAI routes exist bare and under RunPod's passthrough prefix `/v2/{endpoint_id}/openai`.
 pub const ROUTES: &[RouteSpec] = &[
     spec("POST", "/run", Route::Run),
     spec("POST", "/v2/{endpoint_id}/run", Route::Run),
@@ -116,6 +117,18 @@ pub const ROUTES: &[RouteSpec] = &[
     spec("POST", "/v1/chat/completions", Route::ChatCompletions),
     spec("POST", "/v1/completions", Route::Completions),
     spec("GET", "/v1/models", Route::Models),
+    // RunPod's OpenAI passthrough paths, so a client's base URL can be the same locally and deployed.
+    spec(
+        "POST",
+        "/v2/{endpoint_id}/openai/v1/chat/completions",
+        Route::ChatCompletions,
+    ),
+    spec(
+        "POST",
+        "/v2/{endpoint_id}/openai/v1/completions",
+        Route::Completions,
+    ),
+    spec("GET", "/v2/{endpoint_id}/openai/v1/models", Route::Models),
     spec("GET", "/metrics", Route::Metrics),
 ];
 
