@@ -18,7 +18,7 @@ use super::admission::AdmissionPermit;
 use super::store::{JobStatus, JobStore};
 use super::AppState;
 use crate::error::JobError;
-use crate::job::{run_job, JobContext};
+use crate::job::{run_job_with_id, JobContext};
 
 /// Items buffered between `run_job` and the sink.
 const ITEM_CHANNEL_BOUND: usize = 64;
@@ -123,6 +123,7 @@ async fn execute_inner(
     timings: &mut RunTimings,
 ) -> Result<Value, JobError> {
     let JobRun {
+        id,
         input,
         permit,
         cancel,
@@ -157,7 +158,7 @@ async fn execute_inner(
 
     let (items_tx, mut items_rx) = mpsc::channel(ITEM_CHANNEL_BOUND);
     let job_cancel = cancel.child_token();
-    let job = run_job(ctx, input, items_tx, job_cancel.clone());
+    let job = run_job_with_id(ctx, &id, input, items_tx, job_cancel.clone());
     tokio::pin!(job);
     let mut result: Option<Result<Value, JobError>> = None;
     let mut items_open = true;
