@@ -870,3 +870,21 @@ async fn non_streaming_client_disconnect_cancels_too() {
     assert!(generated < max_tokens as u64, "ran to the end: {generated}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_public_listener_without_a_key() {
+    let server = TestServer::start(Options::default()).await;
+    let config = wick::config::Config {
+        served_model_name: Some("tiny-llama".into()),
+        ..wick::config::Config::for_test()
+    };
+    let ctx = std::sync::Arc::new(wick::job::JobContext::new(server.engine.clone(), &config));
+    let public = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let settings = wick::server::ServerSettings::for_test();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = wick::server::run(ctx, settings, public, shutdown)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("API key"), "{err}");
+    server.stop().await;
+}
