@@ -868,6 +868,12 @@ async fn non_streaming_client_disconnect_cancels_too() {
     server.wait_engine_idle().await;
     let generated = server.engine.stats().generated_tokens_total;
     assert!(generated < max_tokens as u64, "ran to the end: {generated}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"wick_jobs_finished_total{outcome="cancelled"}"#),
+        1.0,
+        "{metrics}"
+    );
     server.stop().await;
 }
 
