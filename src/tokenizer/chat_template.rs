@@ -321,25 +321,37 @@ fn format_utc(format: &str, secs: u64) -> String {
             out.push(c);
             continue;
         }
-        match chars.next() {
+        // glibc's `%-d` (no padding) is common in templates; Python on Linux supports it.
+        let mut directive = chars.next();
+        let unpadded = directive == Some('-');
+        if unpadded {
+            directive = chars.next();
+        }
+        let number = |value: u64, width: usize| {
+            if unpadded {
+                value.to_string()
+            } else {
+                format!("{value:0width$}")
+            }
+        };
+        let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+        match directive {
             Some('a') => out.push_str(&weekday[..3]),
             Some('A') => out.push_str(weekday),
             Some('b') | Some('h') => out.push_str(&month_name[..3]),
             Some('B') => out.push_str(month_name),
-            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('d') => out.push_str(&number(u64::from(day), 2)),
+            Some('e') if unpadded => out.push_str(&day.to_string()),
             Some('e') => out.push_str(&format!("{day:2}")),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&number(u64::from(month), 2)),
+            Some('y') => out.push_str(&number(year.rem_euclid(100) as u64, 2)),
             Some('Y') => out.push_str(&year.to_string()),
-            Some('H') => out.push_str(&format!("{hour:02}")),
-            Some('I') => out.push_str(&format!(
-                "{:02}",
-                if hour % 12 == 0 { 12 } else { hour % 12 }
-            )),
+            Some('H') => out.push_str(&number(hour, 2)),
+            Some('I') => out.push_str(&number(hour12, 2)),
             Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('M') => out.push_str(&format!("{minute:02}")),
-            Some('S') => out.push_str(&format!("{second:02}")),
-            Some('j') => out.push_str(&format!("{day_of_year:03}")),
+            Some('M') => out.push_str(&number(minute, 2)),
+            Some('S') => out.push_str(&number(second, 2)),
+            Some('j') => out.push_str(&number(day_of_year as u64, 3)),
             Some('F') => out.push_str(&format!("{year}-{month:02}-{day:02}")),
             Some('T') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
             Some('Z') => out.push_str("UTC"),
@@ -347,6 +359,9 @@ fn format_utc(format: &str, secs: u64) -> String {
             Some('%') => out.push('%'),
             Some(other) => {
                 out.push('%');
+                if unpadded {
+                    out.push('-');
+                }
                 out.push(other);
             }
             None => out.push('%'),
@@ -569,6 +584,13 @@ mod tests {
     }
 
     #[test]
+    fn values_print_as_python_jinja2_prints_them() {
+        let src = "{{ none }}|{{ true }}|{{ messages[0].x }}|{{ [1, 'a', none] }}|{{ 1.0 }}";
+        let out = render(src, json!([{"x": null}])).unwrap();
+        assert_eq!(out, "None|True|None|[1, 'a', None]|1.0");
+    }
+
+    #[test]
     fn raise_exception_surfaces_the_template_message() {
         let err = render("{{ raise_exception('roles must alternate') }}", json!([])).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
@@ -627,6 +649,11 @@ mod tests {
             "Tuesday July 23 12:34:56 205 24 % %q"
         );
         assert_eq!(format_utc("%F %T", 0), "1970-01-01 00:00:00");
+        // 2024-03-05 04:07:09 UTC.
+        assert_eq!(
+            format_utc("%-d %-m %-H:%-M:%-S %-j %e|%-e", 1_709_611_629),
+            "5 3 4:7:9 65  5|5"
+        );
         assert!(render("{{ strftime_now('%Y') }}", json!([]))
             .unwrap()
             .starts_with("20"));
