@@ -286,3 +286,20 @@ async fn requests_past_their_deadline_time_out() {
     drop(held);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_policy_cuts_a_job_short() {
+    // The request deadline (5 min) is far away; only `policy.executionTimeout` (ms) can stop it.
+    let server = TestServer::start(Options::default()).await;
+    // `policy.executionTimeout` (ms) bounds execution alone: a long generation is cut short.
+    let long = json!({
+        "input": {"prompt": "hello", "sampling_params": {"max_tokens": 1900, "ignore_eos": true}},
+        "policy": {"executionTimeout": 1},
+    });
+    let (_, body) = server.post("/run", &long).await;
+    let id = body["id"].as_str().unwrap().to_string();
+    wait_for_status(&server, &id, "TIMED_OUT").await;
+    server.wait_engine_idle().await;
+    assert!(server.engine.stats().generated_tokens_total < 1900);
+    server.stop().await;
+}
