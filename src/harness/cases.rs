@@ -86,7 +86,10 @@ pub struct NamedCase {
 /// # Errors
 /// [`CaseError`] for an unreadable directory or an invalid file.
 pub fn load_cases(dir: &Path) -> Result<Vec<NamedCase>, CaseError> {
-    let read_error = |source| CaseError::Read { path: dir.to_path_buf(), source };
+    let read_error = |source| CaseError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(read_error)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -97,14 +100,28 @@ pub fn load_cases(dir: &Path) -> Result<Vec<NamedCase>, CaseError> {
 }
 
 fn load_case(path: &Path) -> Result<NamedCase, CaseError> {
-    let read_error = |source| CaseError::Read { path: path.to_path_buf(), source };
+    let read_error = |source| CaseError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     if std::fs::metadata(path).map_err(read_error)?.len() > MAX_CASE_BYTES {
-        return Err(CaseError::Invalid { path: path.to_path_buf(), reason: "larger than 1 MiB".into() });
+        return Err(CaseError::Invalid {
+            path: path.to_path_buf(),
+            reason: "larger than 1 MiB".into(),
+        });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read { path: path.to_path_buf(), source })?;
-    let case: HandlerCase = serde_json::from_str(&text)
-        .map_err(|e| CaseError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let case: HandlerCase = serde_json::from_str(&text).map_err(|e| CaseError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(NamedCase { name, case })
 }
 
@@ -134,7 +151,10 @@ pub fn check(case: &HandlerCase, job: Option<&JobRecord>, stream_must_match: boo
             "status {:?}, expected {:?} (error: {})",
             job.status,
             expected,
-            job.error.as_deref().map(|e| truncate(e, 300)).unwrap_or_default()
+            job.error
+                .as_deref()
+                .map(|e| truncate(e, 300))
+                .unwrap_or_default()
         ));
     }
     if let Some(expected_type) = &case.expect.error_type {
@@ -145,11 +165,18 @@ pub fn check(case: &HandlerCase, job: Option<&JobRecord>, stream_must_match: boo
     }
     let haystack = match job.status {
         JobStatus::Failed => job.error.clone().unwrap_or_default(),
-        _ => job.output.as_ref().map(Value::to_string).unwrap_or_default(),
+        _ => job
+            .output
+            .as_ref()
+            .map(Value::to_string)
+            .unwrap_or_default(),
     };
     for needle in &case.expect.output_contains {
         if !haystack.contains(needle.as_str()) {
-            problems.push(format!("result does not contain {needle:?}: {}", truncate(&haystack, 300)));
+            problems.push(format!(
+                "result does not contain {needle:?}: {}",
+                truncate(&haystack, 300)
+            ));
         }
     }
     if stream_must_match && job.status == JobStatus::Completed {
@@ -164,7 +191,8 @@ pub fn check(case: &HandlerCase, job: Option<&JobRecord>, stream_must_match: boo
         }
     }
     if job.final_is_stream == Some(false) {
-        problems.push("final job-done post had isStream=false (expected true after streaming)".into());
+        problems
+            .push("final job-done post had isStream=false (expected true after streaming)".into());
     }
     problems
 }

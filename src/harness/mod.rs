@@ -18,8 +18,10 @@ mod routes;
 pub mod session;
 
 pub use cases::{load_cases, HandlerCase, NamedCase};
-pub use platform::{Faults, JobRecord, JobStatus, Platform, PlatformConfig, RecordedRequest, Route, RunningPlatform};
+pub use platform::{
+    Faults, JobRecord, JobStatus, Platform, PlatformConfig, RecordedRequest, Route, RunningPlatform,
+};
 pub use session::{
-    run_load, run_tests, HarnessError, LoadOptions, LoadReport, RunTestsReport, SessionOptions, SigtermPlan, WorkerLaunch,
-    WorkerProcess,
+    run_load, run_tests, HarnessError, LoadOptions, LoadReport, RunTestsReport, SessionOptions,
+    SigtermPlan, WorkerLaunch, WorkerProcess,
 };

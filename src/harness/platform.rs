@@ -33,7 +33,8 @@ pub struct Faults {
     pub duplicate_pct: f64,
     /// Statuses to answer the next job-take polls with, in order (then normal behaviour).
     pub take_script: Vec<u16>,
-    /// Statuses to answer the next job-done posts with, in order, without applying them.
+    /// Statuses to answer the next job-done posts with, in order, without applying them; `0`
+    /// applies the post and cuts its answer off.
     pub done_script: Vec<u16>,
     /// Statuses to answer the next job-stream posts with, in order, without applying them.
     pub stream_script: Vec<u16>,
@@ -54,7 +55,11 @@ pub struct PlatformConfig {
 
 impl Default for PlatformConfig {
     fn default() -> Self {
-        PlatformConfig { endpoint_id: "wick-harness".into(), poll_hold: Duration::from_secs(2), faults: Faults::default() }
+        PlatformConfig {
+            endpoint_id: "wick-harness".into(),
+            poll_hold: Duration::from_secs(2),
+            faults: Faults::default(),
+        }
     }
 }
 
@@ -77,7 +82,10 @@ pub enum JobStatus {
 impl JobStatus {
     /// Whether the job has ended.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 }
 
@@ -158,7 +166,10 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     /// A query parameter (raw, not decoded).
     pub fn query_param(&self, key: &str) -> Option<&str> {
-        self.query.split('&').find_map(|pair| pair.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+        self.query.split('&').find_map(|pair| {
+            pair.strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
     }
 }
 
@@ -257,7 +268,11 @@ impl RunningPlatform {
 impl Platform {
     /// A platform with this configuration (not yet serving).
     pub fn new(config: PlatformConfig) -> Self {
-        let seed = if config.faults.seed == 0 { None } else { Some(config.faults.seed) };
+        let seed = if config.faults.seed == 0 {
+            None
+        } else {
+            Some(config.faults.seed)
+        };
         let state = State {
             jobs: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -283,7 +298,10 @@ impl Platform {
     ///
     /// # Errors
     /// When the address cannot be bound.
-    pub async fn serve(config: PlatformConfig, addr: SocketAddr) -> std::io::Result<RunningPlatform> {
+    pub async fn serve(
+        config: PlatformConfig,
+        addr: SocketAddr,
+    ) -> std::io::Result<RunningPlatform> {
         let platform = Platform::new(config);
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -291,24 +309,46 @@ impl Platform {
         let app = super::routes::router(platform.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
         });
-        Ok(RunningPlatform { platform, addr, shutdown, server })
+        Ok(RunningPlatform {
+            platform,
+            addr,
+            shutdown,
+            server,
+        })
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // Updates are single statements on plain collections: a poisoned lock is still consistent.
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The RunPod variables pointing a worker at `base` (`http://host:port`).
     pub fn worker_env(&self, base: &str) -> Vec<(String, String)> {
         let ep = &self.inner.config.endpoint_id;
         vec![
-            ("RUNPOD_WEBHOOK_GET_JOB".into(), format!("{base}/v2/{ep}/job-take/$ID?gpu=HARNESS")),
-            ("RUNPOD_WEBHOOK_POST_OUTPUT".into(), format!("{base}/v2/{ep}/job-done/$RUNPOD_POD_ID/$ID?gpu=HARNESS")),
-            ("RUNPOD_WEBHOOK_POST_STREAM".into(), format!("{base}/v2/{ep}/job-stream/$RUNPOD_POD_ID/$ID?gpu=HARNESS")),
-            ("RUNPOD_WEBHOOK_PING".into(), format!("{base}/v2/{ep}/ping/$RUNPOD_POD_ID?gpu=HARNESS")),
+            (
+                "RUNPOD_WEBHOOK_GET_JOB".into(),
+                format!("{base}/v2/{ep}/job-take/$ID?gpu=HARNESS"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_POST_OUTPUT".into(),
+                format!("{base}/v2/{ep}/job-done/$RUNPOD_POD_ID/$ID?gpu=HARNESS"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_POST_STREAM".into(),
+                format!("{base}/v2/{ep}/job-stream/$RUNPOD_POD_ID/$ID?gpu=HARNESS"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_PING".into(),
+                format!("{base}/v2/{ep}/ping/$RUNPOD_POD_ID?gpu=HARNESS"),
+            ),
         ]
     }
 
@@ -328,24 +368,27 @@ impl Platform {
     pub fn submit_with_id(&self, id: &str, input: Value) {
         {
             let mut state = self.lock();
-            state.jobs.insert(id.to_owned(), JobRecord {
-                id: id.to_owned(),
-                input,
-                status: JobStatus::InQueue,
-                output: None,
-                error: None,
-                stop_pod: false,
-                stream: Vec::new(),
-                stream_cursor: 0,
-                deliveries: 0,
-                done_posts: 0,
-                conflicting_results: 0,
-                final_body: None,
-                final_is_stream: None,
-                submitted_at: Instant::now(),
-                taken_at: None,
-                finished_at: None,
-            });
+            state.jobs.insert(
+                id.to_owned(),
+                JobRecord {
+                    id: id.to_owned(),
+                    input,
+                    status: JobStatus::InQueue,
+                    output: None,
+                    error: None,
+                    stop_pod: false,
+                    stream: Vec::new(),
+                    stream_cursor: 0,
+                    deliveries: 0,
+                    done_posts: 0,
+                    conflicting_results: 0,
+                    final_body: None,
+                    final_is_stream: None,
+                    submitted_at: Instant::now(),
+                    taken_at: None,
+                    finished_at: None,
+                },
+            );
             state.queue.push_back(id.to_owned());
         }
         self.inner.job_queued.notify_waiters();
@@ -384,7 +427,11 @@ impl Platform {
     }
 
     /// Waits until a worker request matching `predicate` has been recorded, or `timeout` passes.
-    pub async fn wait_request(&self, timeout: Duration, predicate: impl Fn(&RecordedRequest) -> bool) -> bool {
+    pub async fn wait_request(
+        &self,
+        timeout: Duration,
+        predicate: impl Fn(&RecordedRequest) -> bool,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.lock().requests.iter().any(&predicate) {
@@ -436,7 +483,12 @@ impl Platform {
 
     /// Worker-facing requests of one route.
     pub fn requests_to(&self, route: Route) -> Vec<RecordedRequest> {
-        self.lock().requests.iter().filter(|r| r.route == route).cloned().collect()
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.route == route)
+            .cloned()
+            .collect()
     }
 
     /// Replaces the fault plan (scripts included).
@@ -452,7 +504,10 @@ impl Platform {
     /// Counts over the run.
     pub fn stats(&self) -> PlatformStats {
         let state = self.lock();
-        let mut stats = PlatformStats { submitted: state.jobs.len(), ..PlatformStats::default() };
+        let mut stats = PlatformStats {
+            submitted: state.jobs.len(),
+            ..PlatformStats::default()
+        };
         for job in state.jobs.values() {
             match job.status {
                 JobStatus::InQueue => stats.in_queue += 1,
@@ -466,14 +521,23 @@ impl Platform {
             stats.conflicting_results += usize::from(job.conflicting_results > 0);
         }
         stats.requests = state.requests.len();
-        stats.pings = state.requests.iter().filter(|r| r.route == Route::Ping).count();
+        stats.pings = state
+            .requests
+            .iter()
+            .filter(|r| r.route == Route::Ping)
+            .count();
         stats
     }
 
     /// The longest gap between two heartbeats (and from the first job-take to the first ping).
     pub fn max_ping_gap(&self) -> Option<Duration> {
         let state = self.lock();
-        let times: Vec<Instant> = state.requests.iter().filter(|r| r.route == Route::Ping).map(|r| r.at).collect();
+        let times: Vec<Instant> = state
+            .requests
+            .iter()
+            .filter(|r| r.route == Route::Ping)
+            .map(|r| r.at)
+            .collect();
         times.windows(2).map(|w| w[1].duration_since(w[0])).max()
     }
 }

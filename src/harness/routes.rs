@@ -25,7 +25,10 @@ const DEFAULT_RUNSYNC_WAIT_MS: u64 = 90_000;
 pub(crate) fn router(platform: Platform) -> Router {
     Router::new()
         .route("/v2/{endpoint}/job-take/{worker}", get(job_take))
-        .route("/v2/{endpoint}/job-take-batch/{worker}", get(job_take_batch))
+        .route(
+            "/v2/{endpoint}/job-take-batch/{worker}",
+            get(job_take_batch),
+        )
         .route("/v2/{endpoint}/job-stop/{worker}", get(job_stop))
         .route("/v2/{endpoint}/job-done/{worker}/{job}", post(job_done))
         .route("/v2/{endpoint}/job-stream/{worker}/{job}", post(job_stream))
@@ -41,10 +44,22 @@ pub(crate) fn router(platform: Platform) -> Router {
         .with_state(platform)
 }
 
-fn record(platform: &Platform, route: Route, uri: &Uri, headers: &HeaderMap, body: &str, status: u16) {
+fn record(
+    platform: &Platform,
+    route: Route,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &str,
+    status: u16,
+) {
     let headers: BTreeMap<String, String> = headers
         .iter()
-        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     platform.lock().requests.push(RecordedRequest {
         route,
@@ -58,14 +73,23 @@ fn record(platform: &Platform, route: Route, uri: &Uri, headers: &HeaderMap, bod
 }
 
 fn status_only(status: u16) -> Response {
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response()
+    StatusCode::from_u16(status)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        .into_response()
 }
 
 /// A 200 answer whose body breaks off: the worker sees a failed request although the platform
 /// applied it.
 fn cut_off_response() -> Response {
-    let parts = [Ok(Bytes::from_static(b"{")), Err(std::io::Error::other("answer dropped by fault injection"))];
-    (StatusCode::OK, Body::from_stream(futures_util::stream::iter(parts))).into_response()
+    let parts = [
+        Ok(Bytes::from_static(b"{")),
+        Err(std::io::Error::other("answer dropped by fault injection")),
+    ];
+    (
+        StatusCode::OK,
+        Body::from_stream(futures_util::stream::iter(parts)),
+    )
+        .into_response()
 }
 
 async fn job_take(State(platform): State<Platform>, uri: Uri, headers: HeaderMap) -> Response {
@@ -78,11 +102,21 @@ async fn job_take_batch(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let batch_size = query.get("batch_size").and_then(|v| v.parse::<usize>().ok()).unwrap_or(1).clamp(1, 1024);
+    let batch_size = query
+        .get("batch_size")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 1024);
     take(platform, Route::JobTakeBatch, uri, headers, batch_size).await
 }
 
-async fn take(platform: Platform, route: Route, uri: Uri, headers: HeaderMap, batch_size: usize) -> Response {
+async fn take(
+    platform: Platform,
+    route: Route,
+    uri: Uri,
+    headers: HeaderMap,
+    batch_size: usize,
+) -> Response {
     let scripted = {
         let mut state = platform.lock();
         if !state.faults.take_script.is_empty() {
@@ -122,10 +156,14 @@ fn hand_out(platform: &Platform, n: usize) -> Vec<Value> {
     let mut state = platform.lock();
     let mut out = Vec::new();
     while out.len() < n {
-        let Some(id) = state.queue.pop_front() else { break };
+        let Some(id) = state.queue.pop_front() else {
+            break;
+        };
         let duplicate_pct = state.faults.duplicate_pct;
         let duplicate = state.dice.chance(duplicate_pct);
-        let Some(job) = state.jobs.get_mut(&id) else { continue };
+        let Some(job) = state.jobs.get_mut(&id) else {
+            continue;
+        };
         if job.status.is_terminal() {
             continue;
         }
@@ -177,7 +215,10 @@ async fn job_done(
         let mut state = platform.lock();
         let (fail, drop) = (state.faults.fail_done_pct, state.faults.drop_done_pct);
         if !state.faults.done_script.is_empty() {
-            Some(PostFault::Status(state.faults.done_script.remove(0)))
+            match state.faults.done_script.remove(0) {
+                0 => Some(PostFault::CutOff),
+                status => Some(PostFault::Status(status)),
+            }
         } else if state.dice.chance(fail) {
             Some(PostFault::Status(500))
         } else if state.dice.chance(drop) {
@@ -191,7 +232,9 @@ async fn job_done(
         record(&platform, Route::JobDone, &uri, &headers, &text, status);
         return status_only(status);
     }
-    let is_stream = uri.query().is_some_and(|q| q.split('&').any(|p| p == "isStream=true"));
+    let is_stream = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "isStream=true"));
     let status = apply_done(&platform, &job_id, &text, is_stream);
     record(&platform, Route::JobDone, &uri, &headers, &text, status);
     if status == 200 && matches!(fault, Some(PostFault::CutOff)) {
@@ -222,11 +265,22 @@ fn apply_done(platform: &Platform, job_id: &str, text: &str, is_stream: bool) ->
             }
             return 200;
         }
-        let error = body.get("error").and_then(Value::as_str).filter(|e| !e.is_empty()).map(str::to_owned);
-        job.status = if error.is_some() { JobStatus::Failed } else { JobStatus::Completed };
+        let error = body
+            .get("error")
+            .and_then(Value::as_str)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned);
+        job.status = if error.is_some() {
+            JobStatus::Failed
+        } else {
+            JobStatus::Completed
+        };
         job.error = error;
         job.output = body.get("output").cloned();
-        job.stop_pod = body.get("stopPod").and_then(Value::as_bool).unwrap_or(false);
+        job.stop_pod = body
+            .get("stopPod")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         job.final_is_stream = Some(is_stream);
         job.final_body = Some(body);
         job.finished_at = Some(Instant::now());
@@ -262,7 +316,8 @@ async fn job_stream(
             let mut state = platform.lock();
             match state.jobs.get_mut(&job_id) {
                 Some(job) => {
-                    job.stream.push(body.remove("output").unwrap_or(Value::Null));
+                    job.stream
+                        .push(body.remove("output").unwrap_or(Value::Null));
                     200
                 }
                 None => 404,
@@ -297,7 +352,9 @@ fn api_error(status: StatusCode, message: &str) -> Response {
 /// The job input from a `/run` body: `{"input": ...}`.
 fn parse_run_body(body: &[u8]) -> Result<Value, &'static str> {
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut fields)) => fields.remove("input").ok_or("body must have an `input` field"),
+        Ok(Value::Object(mut fields)) => fields
+            .remove("input")
+            .ok_or("body must have an `input` field"),
         _ => Err("body must be a JSON object"),
     }
 }
@@ -327,7 +384,9 @@ async fn runsync(
         .unwrap_or(DEFAULT_RUNSYNC_WAIT_MS)
         .clamp(1_000, 300_000);
     let id = platform.submit(input);
-    platform.wait_terminal(&id, Duration::from_millis(wait_ms)).await;
+    platform
+        .wait_terminal(&id, Duration::from_millis(wait_ms))
+        .await;
     status_body(&platform, &id)
 }
 
@@ -339,9 +398,15 @@ fn status_body(platform: &Platform, id: &str) -> Response {
     body.insert("id".into(), json!(job.id));
     body.insert("status".into(), json!(job.status));
     if let Some(taken) = job.taken_at {
-        body.insert("delayTime".into(), json!(taken.duration_since(job.submitted_at).as_millis() as u64));
+        body.insert(
+            "delayTime".into(),
+            json!(taken.duration_since(job.submitted_at).as_millis() as u64),
+        );
         if let Some(finished) = job.finished_at {
-            body.insert("executionTime".into(), json!(finished.duration_since(taken).as_millis() as u64));
+            body.insert(
+                "executionTime".into(),
+                json!(finished.duration_since(taken).as_millis() as u64),
+            );
         }
     }
     if let Some(output) = &job.output {
@@ -353,23 +418,37 @@ fn status_body(platform: &Platform, id: &str) -> Response {
     Json(Value::Object(body)).into_response()
 }
 
-async fn status(State(platform): State<Platform>, Path((_endpoint, id)): Path<(String, String)>) -> Response {
+async fn status(
+    State(platform): State<Platform>,
+    Path((_endpoint, id)): Path<(String, String)>,
+) -> Response {
     status_body(&platform, &id)
 }
 
-async fn stream(State(platform): State<Platform>, Path((_endpoint, id)): Path<(String, String)>) -> Response {
+async fn stream(
+    State(platform): State<Platform>,
+    Path((_endpoint, id)): Path<(String, String)>,
+) -> Response {
     let mut state = platform.lock();
     let Some(job) = state.jobs.get_mut(&id) else {
         return api_error(StatusCode::NOT_FOUND, "job not found");
     };
-    let fresh: Vec<Value> = job.stream[job.stream_cursor..].iter().map(|v| json!({ "output": v })).collect();
+    let fresh: Vec<Value> = job.stream[job.stream_cursor..]
+        .iter()
+        .map(|v| json!({ "output": v }))
+        .collect();
     job.stream_cursor = job.stream.len();
     Json(json!({"id": id, "status": job.status, "stream": fresh})).into_response()
 }
 
-async fn cancel(State(platform): State<Platform>, Path((_endpoint, id)): Path<(String, String)>) -> Response {
+async fn cancel(
+    State(platform): State<Platform>,
+    Path((_endpoint, id)): Path<(String, String)>,
+) -> Response {
     match platform.cancel(&id) {
-        Some(_) => Json(json!({"id": id, "status": platform.job(&id).map(|j| j.status)})).into_response(),
+        Some(_) => {
+            Json(json!({"id": id, "status": platform.job(&id).map(|j| j.status)})).into_response()
+        }
         None => api_error(StatusCode::NOT_FOUND, "job not found"),
     }
 }
@@ -378,7 +457,10 @@ async fn health(State(platform): State<Platform>) -> Response {
     let stats = platform.stats();
     let recent_worker = {
         let state = platform.lock();
-        state.requests.last().is_some_and(|r| r.at.elapsed() < Duration::from_secs(30))
+        state
+            .requests
+            .last()
+            .is_some_and(|r| r.at.elapsed() < Duration::from_secs(30))
     };
     let running = usize::from(recent_worker && stats.in_progress > 0);
     let idle = usize::from(recent_worker && stats.in_progress == 0);

@@ -54,7 +54,10 @@ impl WorkerProcess {
     ///
     /// # Errors
     /// When the binary cannot be started or the log file cannot be created.
-    pub fn spawn(launch: &WorkerLaunch, platform_env: &[(String, String)]) -> std::io::Result<Self> {
+    pub fn spawn(
+        launch: &WorkerLaunch,
+        platform_env: &[(String, String)],
+    ) -> std::io::Result<Self> {
         let mut command = Command::new(&launch.wick);
         command
             .args(&launch.args)
@@ -76,7 +79,9 @@ impl WorkerProcess {
                 command.stderr(Stdio::inherit());
             }
         }
-        Ok(WorkerProcess { child: command.spawn()? })
+        Ok(WorkerProcess {
+            child: command.spawn()?,
+        })
     }
 
     /// Sends SIGTERM.
@@ -84,8 +89,12 @@ impl WorkerProcess {
     /// # Errors
     /// When the process is gone or the signal cannot be sent.
     pub fn sigterm(&self) -> std::io::Result<()> {
-        let pid = self.child.id().ok_or_else(|| std::io::Error::other("worker already exited"))?;
-        let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other("pid out of range"))?;
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| std::io::Error::other("worker already exited"))?;
+        let pid =
+            libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other("pid out of range"))?;
         // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped); no memory involved.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         if rc == 0 {
@@ -158,7 +167,11 @@ pub fn summarize(platform: &Platform) -> JobSummary {
             JobStatus::Completed => summary.completed += 1,
             JobStatus::Failed => {
                 summary.failed += 1;
-                let reason = job.error.as_deref().and_then(cases::error_type_of).unwrap_or_else(|| "unknown".into());
+                let reason = job
+                    .error
+                    .as_deref()
+                    .and_then(cases::error_type_of)
+                    .unwrap_or_else(|| "unknown".into());
                 *summary.failed_reasons.entry(reason).or_default() += 1;
             }
             JobStatus::Cancelled => summary.cancelled += 1,
@@ -203,11 +216,17 @@ impl Session {
             }
         };
         let grace = Duration::from_secs(options.worker.as_ref().map_or(30, |w| w.grace_secs));
-        let session = Session { running, worker, grace };
+        let session = Session {
+            running,
+            worker,
+            grace,
+        };
         let ready = session
             .running
             .platform
-            .wait_request(options.startup_timeout, |r| matches!(r.route, Route::JobTake | Route::JobTakeBatch))
+            .wait_request(options.startup_timeout, |r| {
+                matches!(r.route, Route::JobTake | Route::JobTakeBatch)
+            })
             .await;
         if !ready {
             return Err(HarnessError::WorkerNotReady(options.startup_timeout));
@@ -222,7 +241,10 @@ impl Session {
                 if let Err(error) = worker.sigterm() {
                     warn!(%error, "could not signal the worker");
                 }
-                worker.wait_exit(self.grace + Duration::from_secs(10)).await.and_then(|s| s.code())
+                worker
+                    .wait_exit(self.grace + Duration::from_secs(10))
+                    .await
+                    .and_then(|s| s.code())
             }
             None => None,
         };
@@ -271,15 +293,25 @@ impl RunTestsReport {
 ///
 /// # Errors
 /// When the platform or the worker cannot start.
-pub async fn run_tests(options: &SessionOptions, cases: &[NamedCase], timeout: Duration) -> Result<RunTestsReport, HarnessError> {
+pub async fn run_tests(
+    options: &SessionOptions,
+    cases: &[NamedCase],
+    timeout: Duration,
+) -> Result<RunTestsReport, HarnessError> {
     let session = Session::start(options).await?;
     let platform = session.running.platform.clone();
-    let ids: Vec<String> = cases.iter().map(|c| platform.submit(c.case.input.clone())).collect();
+    let ids: Vec<String> = cases
+        .iter()
+        .map(|c| platform.submit(c.case.input.clone()))
+        .collect();
     let deadline = Instant::now() + timeout;
-    let stream_faults = options.platform.faults.fail_stream_pct > 0.0 || !options.platform.faults.stream_script.is_empty();
+    let stream_faults = options.platform.faults.fail_stream_pct > 0.0
+        || !options.platform.faults.stream_script.is_empty();
     let mut outcomes = Vec::new();
     for (case, id) in cases.iter().zip(&ids) {
-        let job = platform.wait_terminal(id, deadline.saturating_duration_since(Instant::now())).await;
+        let job = platform
+            .wait_terminal(id, deadline.saturating_duration_since(Instant::now()))
+            .await;
         let problems = cases::check(&case.case, job.as_ref(), !stream_faults);
         info!(case = %case.name, passed = problems.is_empty(), "case checked");
         outcomes.push(CaseOutcome {
@@ -292,7 +324,12 @@ pub async fn run_tests(options: &SessionOptions, cases: &[NamedCase], timeout: D
     let jobs = summarize(&platform);
     let stats = platform.stats();
     let worker_exit = session.finish().await;
-    Ok(RunTestsReport { cases: outcomes, jobs, platform: stats, worker_exit })
+    Ok(RunTestsReport {
+        cases: outcomes,
+        jobs,
+        platform: stats,
+        worker_exit,
+    })
 }
 
 /// When to SIGTERM the worker during a load run.
@@ -348,7 +385,10 @@ pub struct LoadReport {
 ///
 /// # Errors
 /// When the platform or the worker cannot start.
-pub async fn run_load(options: &SessionOptions, load: &LoadOptions) -> Result<LoadReport, HarnessError> {
+pub async fn run_load(
+    options: &SessionOptions,
+    load: &LoadOptions,
+) -> Result<LoadReport, HarnessError> {
     let mut session = Session::start(options).await?;
     let platform = session.running.platform.clone();
     let started = Instant::now();
@@ -357,7 +397,12 @@ pub async fn run_load(options: &SessionOptions, load: &LoadOptions) -> Result<Lo
     let stop_clients = CancellationToken::new();
     let mut clients = Vec::new();
     for _ in 0..load.concurrency.max(1) {
-        let (platform, next, latencies, stop) = (platform.clone(), next.clone(), latencies.clone(), stop_clients.clone());
+        let (platform, next, latencies, stop) = (
+            platform.clone(),
+            next.clone(),
+            latencies.clone(),
+            stop_clients.clone(),
+        );
         let (input, total, job_timeout) = (load.input.clone(), load.jobs, load.job_timeout);
         clients.push(tokio::spawn(async move {
             while !stop.is_cancelled() && next.fetch_add(1, Ordering::Relaxed) < total {
@@ -383,14 +428,19 @@ pub async fn run_load(options: &SessionOptions, load: &LoadOptions) -> Result<Lo
         let all_done = futures_util::future::join_all(clients.iter_mut());
         if tokio::time::timeout(delay, all_done).await.is_err() {
             if let Some(worker) = session.worker.as_ref() {
-                info!(after_ms = delay.as_millis() as u64, "sending SIGTERM to the worker");
+                info!(
+                    after_ms = delay.as_millis() as u64,
+                    "sending SIGTERM to the worker"
+                );
                 worker.sigterm()?;
                 sigterm_at = Some(Instant::now());
             }
             // No new jobs after SIGTERM; wait for the worker to drain and exit.
             stop_clients.cancel();
             if let Some(worker) = session.worker.as_mut() {
-                let exited = worker.wait_exit(session.grace + Duration::from_secs(10)).await;
+                let exited = worker
+                    .wait_exit(session.grace + Duration::from_secs(10))
+                    .await;
                 info!(?exited, "worker exited after SIGTERM");
             }
         }
@@ -411,7 +461,11 @@ pub async fn run_load(options: &SessionOptions, load: &LoadOptions) -> Result<Lo
         latencies[rank - 1]
     };
     let taken_after_sigterm = sigterm_at.map_or(0, |at| {
-        platform.jobs().iter().filter(|j| j.taken_at.is_some_and(|t| t > at)).count()
+        platform
+            .jobs()
+            .iter()
+            .filter(|j| j.taken_at.is_some_and(|t| t > at))
+            .count()
     });
     let jobs = summarize(&platform);
     let stats = platform.stats();
@@ -419,7 +473,11 @@ pub async fn run_load(options: &SessionOptions, load: &LoadOptions) -> Result<Lo
     let worker_exit = session.finish().await;
     let finished = jobs.completed + jobs.failed;
     Ok(LoadReport {
-        throughput_jobs_per_sec: if wall.as_secs_f64() > 0.0 { finished as f64 / wall.as_secs_f64() } else { 0.0 },
+        throughput_jobs_per_sec: if wall.as_secs_f64() > 0.0 {
+            finished as f64 / wall.as_secs_f64()
+        } else {
+            0.0
+        },
         wall_secs: wall.as_secs_f64(),
         latency_p50_ms: percentile(0.50),
         latency_p99_ms: percentile(0.99),
