@@ -9,6 +9,7 @@
 //! the worker-facing routes. The worker inherits this process's environment (e.g. `MODEL_NAME`)
 //! plus `--worker-env KEY=VALUE`. Exit 0 when every check passed and nothing was lost.
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,6 +159,7 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();

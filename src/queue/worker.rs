@@ -67,6 +67,9 @@ pub struct WorkerSettings {
     /// Least time between two job-take polls that returned no job (guards against a platform
     /// that answers 204 at once).
     pub empty_poll_min_interval: Duration,
+    /// On shutdown, how long a pending job-take may still deliver an answer already on its way
+    /// (jobs in it are run and drained, not dropped) before the poll is aborted.
+    pub take_abort_window: Duration,
     /// Pause after an empty job-stop answer (SDK: 1 s).
     pub stop_poll_pause: Duration,
     /// Largest job (input) in bytes; the take body cap is this times the batch size.
@@ -88,6 +91,7 @@ impl WorkerSettings {
             poll_retry: RetryPolicy::POLL,
             too_many_requests_pause: Duration::from_secs(5),
             empty_poll_min_interval: Duration::from_millis(250),
+            take_abort_window: Duration::from_millis(100),
             stop_poll_pause: Duration::from_secs(1),
             max_job_bytes: config.max_request_bytes,
             chunk_buffer: 64,
@@ -297,10 +301,19 @@ async fn take_loop<R: JobRunner>(
             .saturating_mul(permits.len())
             .saturating_add(64 * 1024);
         let started = Instant::now();
+        let take = shared.client.take(permits.len(), in_progress, max_body);
+        tokio::pin!(take);
         let answer = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return,
-            answer = shared.client.take(permits.len(), in_progress, max_body) => answer,
+            answer = &mut take => answer,
+            () = shutdown.cancelled() => {
+                // The platform may already have assigned jobs to this poll: give its answer a
+                // moment so they are run (and drained) rather than dropped, then abort it.
+                match tokio::time::timeout(settings.take_abort_window, take).await {
+                    Ok(answer) => answer,
+                    Err(_elapsed) => return,
+                }
+            }
         };
         let pause = match answer {
             Ok(batch) => {

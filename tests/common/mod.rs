@@ -104,6 +104,7 @@ pub fn fast_settings() -> WorkerSettings {
         },
         too_many_requests_pause: Duration::from_millis(20),
         empty_poll_min_interval: Duration::from_millis(10),
+        take_abort_window: Duration::from_millis(50),
         stop_poll_pause: Duration::from_millis(20),
         max_job_bytes: 1024 * 1024,
         chunk_buffer: 16,
