@@ -99,6 +99,10 @@ fn runpod_level_filter(level: &str) -> String {
 async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
     let mut config = cli.config;
     config.validate().context("invalid configuration")?;
+    if matches!(cli.command, Some(Command::Models)) {
+        print_presets(&config)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     wick::hub::apply_preset_defaults(&mut config).context("model selection")?;
     config
         .validate()
@@ -106,10 +110,7 @@ async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
     let hf_token = secret_from_env("HF_TOKEN");
 
     match cli.command {
-        Some(Command::Models) => {
-            print_presets(&config)?;
-            return Ok(ExitCode::SUCCESS);
-        }
+        Some(Command::Models) | None => {}
         Some(Command::Download) => {
             let files = wick::hub::download(&config, hf_token.as_ref())
                 .await
@@ -117,7 +118,6 @@ async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
             info!(files = files.all_paths().len(), "model is in the cache");
             return Ok(ExitCode::SUCCESS);
         }
-        None => {}
     }
 
     let mode = select_mode(&config, &runpod)?;
