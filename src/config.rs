@@ -166,6 +166,13 @@ pub struct Config {
     /// Hugging Face Hub settings from the `HF_*` environment variables (no flags; see [`HubEnv`]).
     #[arg(skip = HubEnv::from_env())]
     pub hub_env: HubEnv,
+    /// OpenAI streams through a queue job as strings of SSE lines (worker-vllm's default); 0/false
+    /// yields lists of chunk objects instead.
+    #[arg(long, env = "RAW_OPENAI_OUTPUT", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub raw_openai_output: bool,
+    /// worker-vllm's name for the model name in OpenAI responses; wins over SERVED_MODEL_NAME there.
+    #[arg(long, env = "OPENAI_SERVED_MODEL_NAME_OVERRIDE")]
+    pub openai_served_model_name_override: Option<String>,
 }
 
 /// Hugging Face Hub settings, read from the environment under the names Python's `huggingface_hub`

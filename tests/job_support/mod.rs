@@ -22,7 +22,9 @@ pub const MODEL: &str = "tiny-llama-served";
 pub const MAX_MODEL_LEN: usize = 256;
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(FIXTURE)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(FIXTURE)
 }
 
 /// The job context over a shared engine (started once per test binary; the engine runs on its own
@@ -58,7 +60,11 @@ pub async fn run(input: Value) -> (Result<Value, JobError>, Vec<Value>) {
 }
 
 /// [`run`] with an explicit context and cancellation token.
-pub async fn run_with(ctx: &JobContext, input: Value, cancel: CancellationToken) -> (Result<Value, JobError>, Vec<Value>) {
+pub async fn run_with(
+    ctx: &JobContext,
+    input: Value,
+    cancel: CancellationToken,
+) -> (Result<Value, JobError>, Vec<Value>) {
     let (sender, mut receiver) = mpsc::channel(4);
     let drain = tokio::spawn(async move {
         let mut chunks = Vec::new();
@@ -84,13 +90,20 @@ pub struct Case {
 /// Reference case `name` (`hello`, `fox`, `unicode`, `long`, `chat`).
 pub fn case(name: &str) -> Case {
     let path = fixture_dir().join("reference_generations.json");
-    let reference: Value = serde_json::from_slice(&std::fs::read(path).expect("reference file")).expect("json");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(path).expect("reference file")).expect("json");
     let case = reference["cases"]
         .as_array()
         .and_then(|cases| cases.iter().find(|c| c["name"] == name))
         .expect("case exists")
         .clone();
-    let ids = |v: &Value| v.as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect();
+    let ids = |v: &Value| {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|i| i.as_u64().expect("id") as u32)
+            .collect()
+    };
     Case {
         prompt: case["prompt"].as_str().expect("prompt").to_string(),
         prompt_ids: ids(&case["prompt_ids"]),
