@@ -560,7 +560,8 @@ impl<'a> Fetcher<'a> {
             // Also drops a dangling link, so hf-hub does not answer from it.
             self.discard(commit, planned)?;
             let _partial = self.prepare_partial(&planned.etag)?;
-            self.transfer(commit, name, true).await?;
+            self.transfer(commit, name, true, planned.expected.size)
+                .await?;
             if self.cache.snapshot_etag(commit, name).as_deref() != Some(planned.etag.as_str()) {
                 return Err(Attempt::Fail(
                     self.protocol(name, "the file's etag changed between two requests"),
@@ -587,7 +588,7 @@ impl<'a> Fetcher<'a> {
             if self.opts.offline {
                 return Err(Attempt::Fail(self.not_cached(name)));
             }
-            self.transfer(commit, name, false).await?;
+            self.transfer(commit, name, false, None).await?;
             if self.cache.snapshot_etag(commit, name).as_deref() != Some(planned.etag.as_str()) {
                 return Err(Attempt::Fail(
                     self.protocol(name, "the file's etag changed between two requests"),
@@ -665,12 +666,14 @@ impl<'a> Fetcher<'a> {
     }
 
     /// One `hf-hub` download of `file` at `commit` (a HEAD, then a GET unless the blob is cached),
-    /// abandoned when no byte moves for `stall_timeout`.
+    /// abandoned when no byte moves for `stall_timeout`, or when more than `max_bytes` arrive (a server
+    /// must not fill the disk past the size it announced).
     async fn transfer(
         &self,
         commit: &str,
         file: &str,
         with_progress: bool,
+        max_bytes: Option<u64>,
     ) -> Result<PathBuf, Attempt> {
         self.transfer.start_attempt(file);
         let progress = with_progress.then(|| self.transfer.handler(file));
@@ -687,6 +690,15 @@ impl<'a> Fetcher<'a> {
             tokio::select! {
                 result = &mut download => return result.map_err(|e| self.classify(file, e)),
                 _ = watchdog.tick() => {
+                    if let Some(max) = max_bytes {
+                        let received = self.transfer.bytes_of(file);
+                        if received > max {
+                            return Err(Attempt::Retry {
+                                error: self.corrupt(file, &format!("received {received} bytes, more than the {max} announced")),
+                                after: None,
+                            });
+                        }
+                    }
                     let idle = self.transfer.idle_for(file);
                     if idle >= self.opts.stall_timeout {
                         return Err(Attempt::Retry {

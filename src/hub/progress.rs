@@ -61,6 +61,15 @@ impl Transfer {
             .unwrap_or(Duration::ZERO)
     }
 
+    /// Bytes received for `file` in its current attempt.
+    pub fn bytes_of(&self, file: &str) -> u64 {
+        let files = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        files.get(file).map(|s| s.bytes).unwrap_or(0)
+    }
+
     /// Bytes done over all files.
     pub fn done_bytes(&self) -> u64 {
         let files = self
@@ -90,7 +99,11 @@ impl Transfer {
     /// Logs the current status.
     pub fn log(&self) {
         let total = self.total_bytes.load(Ordering::Relaxed);
-        let stage = if total > 0 && self.done_bytes() >= total { "verifying" } else { "downloading" };
+        let stage = if total > 0 && self.done_bytes() >= total {
+            "verifying"
+        } else {
+            "downloading"
+        };
         tracing::info!(model = %self.label, "{stage}: {}", self.summary());
     }
 
