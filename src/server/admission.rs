@@ -45,9 +45,13 @@ impl Admission {
     pub fn try_admit(self: &Arc<Self>) -> Option<AdmissionPermit> {
         let admitted = self
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
             .is_ok();
-        admitted.then(|| AdmissionPermit { admission: Arc::clone(self) })
+        admitted.then(|| AdmissionPermit {
+            admission: Arc::clone(self),
+        })
     }
 
     /// Admitted requests not yet finished (running + waiting).
@@ -79,7 +83,10 @@ impl AdmissionPermit {
             .await
             .expect("the run-slot semaphore is never closed: invariant");
         self.admission.running.fetch_add(1, Ordering::AcqRel);
-        RunPermit { admission: Arc::clone(&self.admission), _slot: slot }
+        RunPermit {
+            admission: Arc::clone(&self.admission),
+            _slot: slot,
+        }
     }
 }
 
@@ -106,7 +113,10 @@ mod tests {
         let b = gate.try_admit().unwrap();
         assert!(gate.try_admit().is_none());
         let run_a = a.run_slot().await;
-        assert_eq!((gate.running(), gate.waiting(), gate.queue_depth()), (1, 1, 2));
+        assert_eq!(
+            (gate.running(), gate.waiting(), gate.queue_depth()),
+            (1, 1, 2)
+        );
         drop(run_a);
         drop(a);
         assert_eq!(gate.queue_depth(), 1);

@@ -23,9 +23,10 @@ pub enum Flavor {
 }
 
 impl Flavor {
-    /// The flavor of a request path: `/v1/...` is OpenAI, everything else RunPod.
+    /// The flavor of a request path: `/v1/...` and `.../openai/v1/...` are OpenAI, everything else
+    /// RunPod.
     pub fn of_path(path: &str) -> Flavor {
-        if path == "/v1" || path.starts_with("/v1/") {
+        if path == "/v1" || path.starts_with("/v1/") || path.contains("/openai/v1/") {
             Flavor::OpenAi
         } else {
             Flavor::RunPod
@@ -44,12 +45,25 @@ pub struct ApiError {
     pub message: String,
     /// Body shape.
     pub flavor: Flavor,
+    /// The job layer's OpenAI error object, when this error came from a job.
+    job_object: Option<serde_json::Value>,
 }
 
 impl ApiError {
     /// An error with an explicit status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>, flavor: Flavor) -> Self {
-        ApiError { status, code, message: message.into(), flavor }
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+        flavor: Flavor,
+    ) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            flavor,
+            job_object: None,
+        }
     }
 
     /// 400 for a body that is not a JSON object of the expected shape.
@@ -90,7 +104,12 @@ impl ApiError {
         } else {
             err.to_string()
         };
-        ApiError::new(status, err.error_type(), message, flavor)
+        let mut job_object = crate::job::openai::error_object(err);
+        job_object["error"]["message"] = json!(message);
+        ApiError {
+            job_object: Some(job_object),
+            ..ApiError::new(status, err.error_type(), message, flavor)
+        }
     }
 
     /// OpenAI `type` for this status.
@@ -104,10 +123,11 @@ impl ApiError {
         }
     }
 
-    /// The JSON body.
+    /// The JSON body: for OpenAI routes the job layer's error object when the error came from a job.
     pub fn body(&self) -> serde_json::Value {
-        match self.flavor {
-            Flavor::OpenAi => json!({
+        match (self.flavor, &self.job_object) {
+            (Flavor::OpenAi, Some(object)) => object.clone(),
+            (Flavor::OpenAi, None) => json!({
                 "error": {
                     "message": self.message,
                     "type": self.openai_type(),
@@ -115,7 +135,7 @@ impl ApiError {
                     "code": self.code,
                 }
             }),
-            Flavor::RunPod => json!({ "error": self.message, "code": self.code }),
+            (Flavor::RunPod, _) => json!({ "error": self.message, "code": self.code }),
         }
     }
 }
@@ -131,9 +151,8 @@ pub fn status_of(err: &JobError) -> StatusCode {
         JobError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
         JobError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
         JobError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        JobError::Cancelled => {
-            StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status code: invariant")
-        }
+        JobError::Cancelled => StatusCode::from_u16(CLIENT_CLOSED_REQUEST)
+            .expect("499 is a valid status code: invariant"),
         JobError::Tokenizer(_) => StatusCode::INTERNAL_SERVER_ERROR,
         JobError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -142,11 +161,18 @@ pub fn status_of(err: &JobError) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
-        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -190,6 +216,7 @@ mod tests {
         let api = ApiError::from_job_error(&err, Flavor::OpenAi);
         assert_eq!(api.body()["error"]["message"], "`temperature` must be >= 0");
         assert_eq!(api.body()["error"]["type"], "invalid_request_error");
+        assert_eq!(api.body()["error"]["param"], "temperature");
     }
 
     #[test]
@@ -204,5 +231,6 @@ mod tests {
         assert_eq!(Flavor::of_path("/v1/chat/completions"), Flavor::OpenAi);
         assert_eq!(Flavor::of_path("/v2/abc/run"), Flavor::RunPod);
         assert_eq!(Flavor::of_path("/v1x"), Flavor::RunPod);
+        assert_eq!(Flavor::of_path("/v2/ep/openai/v1/models"), Flavor::OpenAi);
     }
 }

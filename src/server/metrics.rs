@@ -46,10 +46,15 @@ impl Histogram {
             return;
         }
         let seconds = value.as_secs_f64();
-        let slot = self.bounds.iter().position(|&b| seconds <= b).unwrap_or(self.bounds.len());
+        let slot = self
+            .bounds
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(self.bounds.len());
         self.counts[slot].fetch_add(n, Ordering::Relaxed);
         let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros.saturating_mul(n), Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(micros.saturating_mul(n), Ordering::Relaxed);
         self.count.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -129,29 +134,49 @@ impl Metrics {
     /// Counts one answered request.
     pub fn record_request(&self, route: &str, status: u16) {
         // The lock guards a tiny map update and is never held across an await.
-        let mut requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *requests.entry((route.to_string(), status)).or_insert(0) += 1;
     }
 
     /// Counts one finished job by outcome.
     pub fn record_outcome(&self, outcome: &'static str) {
-        let mut outcomes = self.outcomes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outcomes = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *outcomes.entry(outcome).or_insert(0) += 1;
     }
 
     /// Requests answered so far on `route` with `status`.
     pub fn requests_with(&self, route: &str, status: u16) -> u64 {
-        let requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        requests.get(&(route.to_string(), status)).copied().unwrap_or(0)
+        let requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        requests
+            .get(&(route.to_string(), status))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, engine: &EngineStatsSnapshot, server: &ServerGauges, engine_alive: bool) -> String {
+    pub fn render(
+        &self,
+        engine: &EngineStatsSnapshot,
+        server: &ServerGauges,
+        engine_alive: bool,
+    ) -> String {
         let mut out = String::with_capacity(8 * 1024);
         out.push_str("# HELP wick_http_requests_total HTTP requests answered, by route pattern and status.\n");
         out.push_str("# TYPE wick_http_requests_total counter\n");
         {
-            let requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let requests = self
+                .requests
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             for ((route, status), count) in requests.iter() {
                 let _ = writeln!(
                     out,
@@ -163,9 +188,15 @@ impl Metrics {
         out.push_str("# HELP wick_jobs_finished_total Requests and jobs that ended, by outcome.\n");
         out.push_str("# TYPE wick_jobs_finished_total counter\n");
         {
-            let outcomes = self.outcomes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let outcomes = self
+                .outcomes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             for (outcome, count) in outcomes.iter() {
-                let _ = writeln!(out, "wick_jobs_finished_total{{outcome=\"{outcome}\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "wick_jobs_finished_total{{outcome=\"{outcome}\"}} {count}"
+                );
             }
         }
         counter(
@@ -174,24 +205,89 @@ impl Metrics {
             "Requests refused with 429 because admission was full.",
             self.rejected_overloaded.load(Ordering::Relaxed),
         );
-        gauge(&mut out, "wick_queue_depth", "Admitted requests not finished (running + waiting).", server.queue_depth as f64);
-        gauge(&mut out, "wick_requests_waiting", "Admitted requests waiting for a run slot.", server.waiting as f64);
-        gauge(&mut out, "wick_requests_running", "Admitted requests holding a run slot.", server.running as f64);
-        gauge(&mut out, "wick_stored_jobs", "RunPod jobs kept for /status (any status).", server.stored_jobs as f64);
-        gauge(&mut out, "wick_engine_alive", "1 while the engine thread takes requests.", f64::from(u8::from(engine_alive)));
-        gauge(&mut out, "wick_num_sequences_running", "Sequences holding a KV-cache slot.", engine.running as f64);
-        gauge(&mut out, "wick_num_sequences_waiting", "Sequences submitted to the engine, not yet running.", engine.waiting as f64);
-        gauge(&mut out, "wick_kv_cache_tokens_used", "KV-cache tokens in use.", engine.kv_tokens_used as f64);
-        gauge(&mut out, "wick_kv_cache_tokens_total", "KV-cache token capacity.", engine.kv_tokens_total as f64);
+        gauge(
+            &mut out,
+            "wick_queue_depth",
+            "Admitted requests not finished (running + waiting).",
+            server.queue_depth as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_requests_waiting",
+            "Admitted requests waiting for a run slot.",
+            server.waiting as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_requests_running",
+            "Admitted requests holding a run slot.",
+            server.running as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_stored_jobs",
+            "RunPod jobs kept for /status (any status).",
+            server.stored_jobs as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_engine_alive",
+            "1 while the engine thread takes requests.",
+            f64::from(u8::from(engine_alive)),
+        );
+        gauge(
+            &mut out,
+            "wick_num_sequences_running",
+            "Sequences holding a KV-cache slot.",
+            engine.running as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_num_sequences_waiting",
+            "Sequences submitted to the engine, not yet running.",
+            engine.waiting as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_kv_cache_tokens_used",
+            "KV-cache tokens in use.",
+            engine.kv_tokens_used as f64,
+        );
+        gauge(
+            &mut out,
+            "wick_kv_cache_tokens_total",
+            "KV-cache token capacity.",
+            engine.kv_tokens_total as f64,
+        );
         let usage = if engine.kv_tokens_total == 0 {
             0.0
         } else {
             engine.kv_tokens_used as f64 / engine.kv_tokens_total as f64
         };
-        gauge(&mut out, "wick_kv_cache_usage_ratio", "KV-cache use, 0 to 1.", usage);
-        counter(&mut out, "wick_prompt_tokens_total", "Prompt tokens processed.", engine.prompt_tokens_total);
-        counter(&mut out, "wick_generation_tokens_total", "Tokens generated.", engine.generated_tokens_total);
-        counter(&mut out, "wick_engine_steps_total", "Engine steps run.", engine.steps_total);
+        gauge(
+            &mut out,
+            "wick_kv_cache_usage_ratio",
+            "KV-cache use, 0 to 1.",
+            usage,
+        );
+        counter(
+            &mut out,
+            "wick_prompt_tokens_total",
+            "Prompt tokens processed.",
+            engine.prompt_tokens_total,
+        );
+        counter(
+            &mut out,
+            "wick_generation_tokens_total",
+            "Tokens generated.",
+            engine.generated_tokens_total,
+        );
+        counter(
+            &mut out,
+            "wick_engine_steps_total",
+            "Engine steps run.",
+            engine.steps_total,
+        );
         self.time_to_first_token.render(
             &mut out,
             "wick_time_to_first_token_seconds",
@@ -202,23 +298,40 @@ impl Metrics {
             "wick_inter_token_latency_seconds",
             "Time between consecutive generated tokens of a request.",
         );
-        self.e2e_latency.render(&mut out, "wick_e2e_request_latency_seconds", "From admission to the end of a request.");
-        self.queue_time.render(&mut out, "wick_request_queue_time_seconds", "From admission to the start of execution.");
+        self.e2e_latency.render(
+            &mut out,
+            "wick_e2e_request_latency_seconds",
+            "From admission to the end of a request.",
+        );
+        self.queue_time.render(
+            &mut out,
+            "wick_request_queue_time_seconds",
+            "From admission to the start of execution.",
+        );
         out
     }
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
 /// Escapes a label value (backslash, quote, newline) as the exposition format requires.
 fn escape_label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -246,9 +359,19 @@ mod tests {
         m.record_request("/v1/models", 200);
         m.record_request("/v1/models", 200);
         m.record_request("/run", 429);
-        let text = m.render(&EngineStatsSnapshot::default(), &ServerGauges::default(), true);
-        assert!(text.contains("wick_http_requests_total{route=\"/v1/models\",status=\"200\"} 2\n"), "{text}");
-        assert!(text.contains("wick_http_requests_total{route=\"/run\",status=\"429\"} 1\n"), "{text}");
+        let text = m.render(
+            &EngineStatsSnapshot::default(),
+            &ServerGauges::default(),
+            true,
+        );
+        assert!(
+            text.contains("wick_http_requests_total{route=\"/v1/models\",status=\"200\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wick_http_requests_total{route=\"/run\",status=\"429\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("wick_kv_cache_usage_ratio 0\n"), "{text}");
     }
 

@@ -1,7 +1,7 @@
 //! The local dev API server (`wick --serve-api`): RunPod's public API (`/run`, `/runsync`,
 //! `/status`, `/stream`, `/cancel`, `/retry`, `/health`, `/purge-queue`, bare and under
 //! `/v2/{endpoint_id}/`) and OpenAI's (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, JSON
-//! and SSE), plus `/metrics`.
+//! and SSE; also under RunPod's passthrough prefix `/v2/{endpoint_id}/openai`), plus `/metrics`.
 //!
 //! Owned here: routing ([`routes::ROUTES`] is the single route table), auth, CORS, host checks, body
 //! limit, admission (429), per-request deadlines, the RunPod job store, SSE framing, metrics, and the
@@ -9,6 +9,17 @@
 //! Not here: input validation and output shaping — every request goes through
 //! [`crate::job::run_job`], exactly as a queue job does. Binding the socket and reading the API key
 //! happen in the binary.
+//!
+//! # Clients
+//! - OpenAI SDKs: `base_url = "http://127.0.0.1:8000/v1"` (or `.../v2/<any id>/openai/v1`, the same
+//!   path shape as a deployed endpoint), `api_key` = the server's key (anything when there is none).
+//! - `runpod` SDK: `RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2`, then `runpod.Endpoint("<any
+//!   id>")` runs, run_syncs, streams, cancels, purges and reads health.
+//!
+//! # Limits
+//! Bodies over `body_limit` get 413 before parsing; more than `max_num_seqs + max_waiting` requests in
+//! flight get 429 with `Retry-After`; every request has a deadline from admission (504 / TIMED_OUT);
+//! finished RunPod jobs are kept for `retention`, at most `max_finished_jobs` of them.
 
 pub mod admission;
 pub mod errors;
@@ -73,25 +84,34 @@ impl AppState {
         let mut openai_ctx = ctx.clone();
         // The server frames SSE itself from chunk objects, and streams every engine delta at once.
         openai_ctx.raw_openai_output = false;
-        openai_ctx.stream_defaults =
-            crate::job::StreamBatching { max_batch_size: 1, min_batch_size: 1, growth_factor: 1.0 };
+        openai_ctx.stream_defaults = crate::job::StreamBatching {
+            max_batch_size: 1,
+            min_batch_size: 1,
+            growth_factor: 1.0,
+        };
         let run_slots = ctx.engine.info().max_num_seqs;
         AppState {
             runpod_ctx: ctx.clone(),
             openai_ctx,
-            store: Arc::new(JobStore::new(settings.retention, settings.max_finished_jobs)),
+            store: Arc::new(JobStore::new(
+                settings.retention,
+                settings.max_finished_jobs,
+            )),
             admission: Admission::new(run_slots, settings.max_waiting),
             metrics: Metrics::default(),
             shutdown,
             tasks: TaskTracker::new(),
             ids: IdGenerator::default(),
-            api_key_digest: settings.api_key.as_ref().map(|k| routes::digest(k.expose())),
+            api_key_digest: settings
+                .api_key
+                .as_ref()
+                .map(|k| routes::digest(k.expose())),
             settings,
         }
     }
 
     /// The admission gate (for tests and metrics).
-    pub fn admission(&self) -> &Admission {
+    pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
     }
 
@@ -151,20 +171,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let (app, state) = router(&ctx, settings, shutdown.clone())?;
+    serve(app, state, listener, shutdown).await
+}
+
+/// Serves a router made by [`router`] (with its state) on `listener` until `shutdown` fires, then
+/// cancels in-flight requests and waits for their tasks.
+///
+/// # Errors
+/// As [`run`].
+pub async fn serve(
+    app: axum::Router,
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    if !local.ip().is_loopback() && settings.api_key.is_none() {
+    if !local.ip().is_loopback() && state.api_key_digest.is_none() {
         return Err(ServerError::Config(format!(
             "refusing to serve on {local} without an API key: set WICK_API_KEY or --api-key-file"
         )));
     }
-    let (app, state) = router(&ctx, settings, shutdown.clone())?;
     tracing::info!(
         addr = %local,
         auth = state.api_key_digest.is_some(),
         model = %state.runpod_ctx.served_model_name,
         "dev API server listening"
     );
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
     // Whatever ended serving, stop the request tasks too.
     shutdown.cancel();
     state.tasks.close();

@@ -53,7 +53,12 @@ pub(super) async fn completions(
 pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let (items_tx, _items_rx) = mpsc::channel(4);
     let cancel = state.shutdown.child_token();
-    let job = crate::job::run_job(&state.openai_ctx, json!({ "openai_route": "/v1/models" }), items_tx, cancel);
+    let job = crate::job::run_job(
+        &state.openai_ctx,
+        json!({ "openai_route": "/v1/models" }),
+        items_tx,
+        cancel,
+    );
     let result = tokio::time::timeout(state.settings.request_timeout, job)
         .await
         .unwrap_or_else(|_| Err(JobError::Timeout("listing models timed out".into())));
@@ -73,7 +78,10 @@ fn single_item(items: Value) -> Result<Response, ApiError> {
                 _ => "not a list".to_string(),
             };
             tracing::error!(%shape, "an OpenAI job returned an unexpected output shape");
-            Err(ApiError::from_job_error(&JobError::Engine(format!("unexpected output shape: {shape}")), FLAVOR))
+            Err(ApiError::from_job_error(
+                &JobError::Engine(format!("unexpected output shape: {shape}")),
+                FLAVOR,
+            ))
         }
     }
 }
@@ -86,7 +94,10 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let body = json_object(body, FLAVOR)?;
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let permit = state.admission.try_admit().ok_or_else(|| ApiError::overloaded(FLAVOR))?;
+    let permit = state
+        .admission
+        .try_admit()
+        .ok_or_else(|| ApiError::overloaded(FLAVOR))?;
     let cancel = state.shutdown.child_token();
     let admitted_at = Instant::now();
     let run = JobRun {
@@ -111,19 +122,36 @@ async fn generate(
     let (items_tx, mut items_rx) = mpsc::channel(SSE_BUFFER);
     let task_state = Arc::clone(&state);
     let job = state.tasks.spawn(async move {
-        execute(&task_state, &task_state.openai_ctx, run, ItemSink::Channel(items_tx), || true).await
+        execute(
+            &task_state,
+            &task_state.openai_ctx,
+            run,
+            ItemSink::Channel(items_tx),
+            || true,
+        )
+        .await
     });
     // From here on, dropping this guard (handler future or response body dropped) cancels the job.
     let guard = cancel.drop_guard();
     let stream = match items_rx.recv().await {
-        Some(first) => SseStream { pending: Some(first), items: items_rx, job: Some(job), _guard: guard },
+        Some(first) => SseStream {
+            pending: Some(first),
+            items: items_rx,
+            job: Some(job),
+            _guard: guard,
+        },
         None => {
             // The job ended without yielding: answer an error with its real status.
             let result = join(job).await;
             if let Err(err) = result {
                 return Err(ApiError::from_job_error(&err, FLAVOR));
             }
-            SseStream { pending: None, items: items_rx, job: None, _guard: guard }
+            SseStream {
+                pending: None,
+                items: items_rx,
+                job: None,
+                _guard: guard,
+            }
         }
     };
     Ok(sse_response(stream))
@@ -168,7 +196,10 @@ fn sse_response(stream: SseStream) -> Response {
     });
     let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -187,7 +218,11 @@ fn frame_item(item: &Value, out: &mut String) {
     match item {
         Value::Array(chunks) => chunks.iter().for_each(|chunk| frame_event(chunk, out)),
         Value::String(raw) => {
-            for event in raw.split("\n\n").map(str::trim).filter(|e| !e.is_empty() && *e != "data: [DONE]") {
+            for event in raw
+                .split("\n\n")
+                .map(str::trim)
+                .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+            {
                 out.push_str(event);
                 out.push_str("\n\n");
             }

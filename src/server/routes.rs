@@ -81,11 +81,16 @@ pub struct RouteSpec {
 }
 
 const fn spec(method: &'static str, path: &'static str, route: Route) -> RouteSpec {
-    RouteSpec { method, path, route }
+    RouteSpec {
+        method,
+        path,
+        route,
+    }
 }
 
 /// Every route. RunPod routes exist bare and under `/v2/{endpoint_id}` (any endpoint id), with the
 /// real API's methods; status, stream and health also accept POST, as the local SDK server does.
+/// OpenAI routes exist bare and under RunPod's passthrough prefix `/v2/{endpoint_id}/openai`.
 pub const ROUTES: &[RouteSpec] = &[
     spec("POST", "/run", Route::Run),
     spec("POST", "/v2/{endpoint_id}/run", Route::Run),
@@ -112,6 +117,18 @@ pub const ROUTES: &[RouteSpec] = &[
     spec("POST", "/v1/chat/completions", Route::ChatCompletions),
     spec("POST", "/v1/completions", Route::Completions),
     spec("GET", "/v1/models", Route::Models),
+    // RunPod's OpenAI passthrough paths, so a client's base URL can be the same locally and deployed.
+    spec(
+        "POST",
+        "/v2/{endpoint_id}/openai/v1/chat/completions",
+        Route::ChatCompletions,
+    ),
+    spec(
+        "POST",
+        "/v2/{endpoint_id}/openai/v1/completions",
+        Route::Completions,
+    ),
+    spec("GET", "/v2/{endpoint_id}/openai/v1/models", Route::Models),
     spec("GET", "/metrics", Route::Metrics),
 ];
 
@@ -124,7 +141,11 @@ fn method_filter(method: &str) -> MethodFilter {
 }
 
 /// Adds `route`'s handler for `filter` to `router`.
-fn with_handler(router: MethodRouter<Arc<AppState>>, filter: MethodFilter, route: Route) -> MethodRouter<Arc<AppState>> {
+fn with_handler(
+    router: MethodRouter<Arc<AppState>>,
+    filter: MethodFilter,
+    route: Route,
+) -> MethodRouter<Arc<AppState>> {
     match route {
         Route::Run => router.on(filter, runpod::run),
         Route::RunSync => router.on(filter, runpod::run_sync),
@@ -145,14 +166,28 @@ fn with_handler(router: MethodRouter<Arc<AppState>>, filter: MethodFilter, route
 pub fn build(state: Arc<AppState>) -> Router {
     let mut by_path: BTreeMap<&'static str, (Route, MethodRouter<Arc<AppState>>)> = BTreeMap::new();
     for spec in ROUTES {
-        let (route, methods) = by_path.remove(spec.path).unwrap_or((spec.route, MethodRouter::new()));
-        assert_eq!(route, spec.route, "one path, one route kind in ROUTES: this is a bug");
-        by_path.insert(spec.path, (route, with_handler(methods, method_filter(spec.method), spec.route)));
+        let (route, methods) = by_path
+            .remove(spec.path)
+            .unwrap_or((spec.route, MethodRouter::new()));
+        assert_eq!(
+            route, spec.route,
+            "one path, one route kind in ROUTES: this is a bug"
+        );
+        by_path.insert(
+            spec.path,
+            (
+                route,
+                with_handler(methods, method_filter(spec.method), spec.route),
+            ),
+        );
     }
     let mut router = Router::new();
     for (path, (route, methods)) in by_path {
         let methods = if route.needs_auth() {
-            methods.route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_auth))
+            methods.route_layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                require_auth,
+            ))
         } else {
             methods
         };
@@ -163,8 +198,14 @@ pub fn build(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), check_host))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), record_request))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            check_host,
+        ))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            record_request,
+        ))
         .with_state(state)
 }
 
@@ -181,8 +222,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         running: state.admission.running(),
         stored_jobs: state.store.len(),
     };
-    let body = state.metrics.render(&engine, &gauges, state.runpod_ctx.engine.is_running());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    let body = state
+        .metrics
+        .render(&engine, &gauges, state.runpod_ctx.engine.is_running());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// SHA-256 of a key; keys are compared by digest so the comparison time does not depend on length.
@@ -192,7 +242,10 @@ pub fn digest(value: &str) -> [u8; 32] {
 
 /// Constant-time equality of two digests.
 fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The token of `Authorization: Bearer <key>` (or a bare `Authorization: <key>`, as RunPod's docs
@@ -208,9 +261,16 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-async fn require_auth(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.api_key_digest else { return next.run(request).await };
-    let authorized = presented_token(request.headers()).is_some_and(|token| digests_equal(&digest(token), expected));
+async fn require_auth(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = &state.api_key_digest else {
+        return next.run(request).await;
+    };
+    let authorized = presented_token(request.headers())
+        .is_some_and(|token| digests_equal(&digest(token), expected));
     if authorized {
         next.run(request).await
     } else {
@@ -264,19 +324,33 @@ async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) 
     let allowed = origin
         .as_ref()
         .and_then(|o| o.to_str().ok())
-        .is_some_and(|o| origins.iter().any(|allowed| allowed == o.trim_end_matches('/')));
-    let Some(origin) = origin.filter(|_| allowed) else { return next.run(request).await };
+        .is_some_and(|o| {
+            origins
+                .iter()
+                .any(|allowed| allowed == o.trim_end_matches('/'))
+        });
+    let Some(origin) = origin.filter(|_| allowed) else {
+        return next.run(request).await;
+    };
     let preflight = request.method() == Method::OPTIONS
-        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     let mut response = if preflight {
         let mut response = StatusCode::NO_CONTENT.into_response();
         let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("authorization, content-type, x-request-id"),
         );
-        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
         response
     } else {
         next.run(request).await
@@ -284,12 +358,19 @@ async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) 
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after"),
+    );
     response
 }
 
 /// Counts every answered request by route pattern (bounded label set) and status.
-async fn record_request(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn record_request(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -298,7 +379,10 @@ async fn record_request(State(state): State<Arc<AppState>>, request: Request, ne
     let response = next.run(request).await;
     let status = response.status().as_u16();
     if status == StatusCode::TOO_MANY_REQUESTS.as_u16() {
-        state.metrics.rejected_overloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .rejected_overloaded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     state.metrics.record_request(&route, status);
     response
@@ -311,7 +395,10 @@ mod tests {
     #[test]
     fn bearer_and_bare_tokens_are_read() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
         assert_eq!(presented_token(&headers), Some("abc"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("abc"));
         assert_eq!(presented_token(&headers), Some("abc"));
@@ -330,10 +417,21 @@ mod tests {
 
     #[test]
     fn loopback_host_headers() {
-        for host in ["127.0.0.1:8000", "localhost", "localhost:1", "[::1]:8000", "app.localhost:3000"] {
+        for host in [
+            "127.0.0.1:8000",
+            "localhost",
+            "localhost:1",
+            "[::1]:8000",
+            "app.localhost:3000",
+        ] {
             assert!(host_header_is_loopback(host), "{host}");
         }
-        for host in ["evil.example:8000", "10.0.0.1", "127.0.0.1.evil.example", ""] {
+        for host in [
+            "evil.example:8000",
+            "10.0.0.1",
+            "127.0.0.1.evil.example",
+            "",
+        ] {
             assert!(!host_header_is_loopback(host), "{host}");
         }
     }
@@ -342,7 +440,11 @@ mod tests {
     fn every_route_is_get_or_post_and_only_health_is_public() {
         for spec in ROUTES {
             assert!(matches!(spec.method, "GET" | "POST"), "{spec:?}");
-            assert_eq!(spec.route.needs_auth(), spec.route != Route::Health, "{spec:?}");
+            assert_eq!(
+                spec.route.needs_auth(),
+                spec.route != Route::Health,
+                "{spec:?}"
+            );
         }
     }
 }

@@ -33,16 +33,29 @@ const ID_ECHO_CHARS: usize = 64;
 const FLAVOR: Flavor = Flavor::RunPod;
 
 /// Reads a request body as a JSON object. Oversized bodies were already refused with 413.
-pub(super) fn json_object(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn json_object(
+    body: Result<Bytes, BytesRejection>,
+    flavor: Flavor,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|rejection| {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_body"
+        };
         ApiError::new(status, code, rejection.body_text(), flavor)
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad_request("the request body must be a JSON object", flavor)),
-        Err(err) => Err(ApiError::bad_request(format!("the request body is not valid JSON: {err}"), flavor)),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+            flavor,
+        )),
+        Err(err) => Err(ApiError::bad_request(
+            format!("the request body is not valid JSON: {err}"),
+            flavor,
+        )),
     }
 }
 
@@ -51,8 +64,18 @@ fn job_request(body: Result<Bytes, BytesRejection>) -> Result<(Value, Option<Dur
     let mut body = json_object(body, FLAVOR)?;
     let input = match body.remove("input") {
         Some(input @ Value::Object(_)) => input,
-        Some(_) => return Err(ApiError::bad_request("`input` must be a JSON object", FLAVOR)),
-        None => return Err(ApiError::bad_request("the body needs an `input` object", FLAVOR)),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`input` must be a JSON object",
+                FLAVOR,
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "the body needs an `input` object",
+                FLAVOR,
+            ))
+        }
     };
     if body.contains_key("webhook") {
         // Calling user-supplied URLs from the worker is an SSRF vector; the dev server does not.
@@ -77,11 +100,21 @@ fn job_request(body: Result<Bytes, BytesRejection>) -> Result<(Value, Option<Dur
 }
 
 /// Admits, stores and starts a job; returns its id.
-fn submit(state: &Arc<AppState>, id_prefix: &str, input: Value, execution_timeout: Option<Duration>) -> Result<String, ApiError> {
-    let permit = state.admission.try_admit().ok_or_else(|| ApiError::overloaded(FLAVOR))?;
+fn submit(
+    state: &Arc<AppState>,
+    id_prefix: &str,
+    input: Value,
+    execution_timeout: Option<Duration>,
+) -> Result<String, ApiError> {
+    let permit = state
+        .admission
+        .try_admit()
+        .ok_or_else(|| ApiError::overloaded(FLAVOR))?;
     let id = state.ids.next(id_prefix);
     let cancel = state.shutdown.child_token();
-    state.store.insert(&id, input.clone(), execution_timeout, cancel.clone());
+    state
+        .store
+        .insert(&id, input.clone(), execution_timeout, cancel.clone());
     spawn_job(state, id.clone(), input, execution_timeout, cancel, permit);
     Ok(id)
 }
@@ -108,25 +141,44 @@ fn spawn_job(
         execution_timeout,
     };
     state.tasks.clone().spawn(async move {
-        let sink = ItemSink::Store { store: Arc::clone(&state.store), id: id.clone() };
-        let result = execute(&state, &state.runpod_ctx, run, sink, || state.store.mark_started(&id)).await;
+        let sink = ItemSink::Store {
+            store: Arc::clone(&state.store),
+            id: id.clone(),
+        };
+        let result = execute(&state, &state.runpod_ctx, run, sink, || {
+            state.store.mark_started(&id)
+        })
+        .await;
         state.store.finish(&id, result);
     });
 }
 
 fn job_id(params: &HashMap<String, String>) -> Result<&str, ApiError> {
-    params.get("id").map(String::as_str).ok_or_else(|| ApiError::bad_request("missing job id", FLAVOR))
+    params
+        .get("id")
+        .map(String::as_str)
+        .ok_or_else(|| ApiError::bad_request("missing job id", FLAVOR))
 }
 
 fn unknown_job(id: &str) -> ApiError {
     let shown: String = id.chars().take(ID_ECHO_CHARS).collect();
-    ApiError::not_found(format!("job {shown:?} not found (unknown, or evicted after the retention window)"), FLAVOR)
+    ApiError::not_found(
+        format!("job {shown:?} not found (unknown, or evicted after the retention window)"),
+        FLAVOR,
+    )
 }
 
 /// Waits until `done` holds for job `id` or `until` passes. The notifier is armed before each check,
 /// so a change between the check and the wait is never missed.
-async fn wait_for(store: &JobStore, id: &str, until: tokio::time::Instant, done: impl Fn(&JobStore) -> bool) {
-    let Some(notify) = store.notifier(id) else { return };
+async fn wait_for(
+    store: &JobStore,
+    id: &str,
+    until: tokio::time::Instant,
+    done: impl Fn(&JobStore) -> bool,
+) {
+    let Some(notify) = store.notifier(id) else {
+        return;
+    };
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -142,7 +194,10 @@ async fn wait_for(store: &JobStore, id: &str, until: tokio::time::Instant, done:
 }
 
 /// `POST /run`: `{"id", "status": "IN_QUEUE"}`.
-pub(super) async fn run(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub(super) async fn run(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let (input, execution_timeout) = job_request(body)?;
     let id = submit(&state, "", input, execution_timeout)?;
     Ok(Json(json!({ "id": id, "status": JobStatus::InQueue })).into_response())
@@ -157,18 +212,23 @@ pub(super) async fn run_sync(
     let wait = match query.get("wait") {
         None => RUNSYNC_DEFAULT_WAIT,
         Some(raw) => {
-            let ms: u64 = raw
-                .trim()
-                .parse()
-                .map_err(|_| ApiError::bad_request("`wait` must be an integer number of milliseconds", FLAVOR))?;
+            let ms: u64 = raw.trim().parse().map_err(|_| {
+                ApiError::bad_request("`wait` must be an integer number of milliseconds", FLAVOR)
+            })?;
             Duration::from_millis(ms.clamp(RUNSYNC_WAIT_RANGE_MS.0, RUNSYNC_WAIT_RANGE_MS.1))
         }
     };
     let (input, execution_timeout) = job_request(body)?;
     let id = submit(&state, "sync-", input, execution_timeout)?;
     let until = tokio::time::Instant::now() + wait;
-    wait_for(&state.store, &id, until, |store| store.status(&id).is_none_or(JobStatus::is_final)).await;
-    let body = state.store.status_body(&id).ok_or_else(|| unknown_job(&id))?;
+    wait_for(&state.store, &id, until, |store| {
+        store.status(&id).is_none_or(JobStatus::is_final)
+    })
+    .await;
+    let body = state
+        .store
+        .status_body(&id)
+        .ok_or_else(|| unknown_job(&id))?;
     Ok(Json(body).into_response())
 }
 
@@ -211,18 +271,31 @@ pub(super) async fn retry(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let id = job_id(&params)?;
-    let permit = state.admission.try_admit().ok_or_else(|| ApiError::overloaded(FLAVOR))?;
+    let permit = state
+        .admission
+        .try_admit()
+        .ok_or_else(|| ApiError::overloaded(FLAVOR))?;
     let ticket = match state.store.retry(id, state.shutdown.child_token()) {
         Ok(Some(ticket)) => ticket,
         Ok(None) => return Err(unknown_job(id)),
         Err(status) => {
             return Err(ApiError::bad_request(
-                format!("only FAILED or TIMED_OUT jobs can be retried; this one is {}", json!(status)),
+                format!(
+                    "only FAILED or TIMED_OUT jobs can be retried; this one is {}",
+                    json!(status)
+                ),
                 FLAVOR,
             ))
         }
     };
-    spawn_job(&state, id.to_string(), ticket.input, ticket.execution_timeout, ticket.cancel, permit);
+    spawn_job(
+        &state,
+        id.to_string(),
+        ticket.input,
+        ticket.execution_timeout,
+        ticket.cancel,
+        permit,
+    );
     Ok(Json(json!({ "id": id, "status": JobStatus::InQueue })).into_response())
 }
 
@@ -246,7 +319,11 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
         "workerId": WORKER_ID,
     });
-    let status = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if alive {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 

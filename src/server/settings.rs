@@ -102,13 +102,19 @@ impl ServerSettings {
             )));
         }
         if self.body_limit == 0 {
-            return Err(ServerError::Config("`--max-request-bytes` must be > 0".into()));
+            return Err(ServerError::Config(
+                "`--max-request-bytes` must be > 0".into(),
+            ));
         }
         if self.request_timeout.is_zero() {
-            return Err(ServerError::Config("`--request-timeout-secs` must be > 0".into()));
+            return Err(ServerError::Config(
+                "`--request-timeout-secs` must be > 0".into(),
+            ));
         }
         if self.max_finished_jobs == 0 {
-            return Err(ServerError::Config("the finished-job store needs room for at least one job".into()));
+            return Err(ServerError::Config(
+                "the finished-job store needs room for at least one job".into(),
+            ));
         }
         Ok(())
     }
@@ -120,7 +126,9 @@ pub fn is_loopback_host(host: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") {
         return true;
     }
-    host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    host.parse::<IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -129,7 +137,10 @@ mod tests {
 
     #[test]
     fn refuses_public_bind_without_api_key() {
-        let config = Config { host: "0.0.0.0".into(), ..Config::for_test() };
+        let config = Config {
+            host: "0.0.0.0".into(),
+            ..Config::for_test()
+        };
         let err = ServerSettings::from_config(&config, None).unwrap_err();
         assert!(err.to_string().contains("API key"), "{err}");
         let ok = ServerSettings::from_config(&config, Some(Secret::new("k"))).unwrap();
@@ -138,33 +149,48 @@ mod tests {
 
     #[test]
     fn refuses_hostname_bind_without_api_key() {
-        let config = Config { host: "example.internal".into(), ..Config::for_test() };
+        let config = Config {
+            host: "example.internal".into(),
+            ..Config::for_test()
+        };
         assert!(ServerSettings::from_config(&config, None).is_err());
     }
 
     #[test]
     fn empty_api_key_counts_as_none() {
-        let config = Config { host: "0.0.0.0".into(), ..Config::for_test() };
+        let config = Config {
+            host: "0.0.0.0".into(),
+            ..Config::for_test()
+        };
         assert!(ServerSettings::from_config(&config, Some(Secret::new("  "))).is_err());
     }
 
     #[test]
     fn loopback_binds_need_no_key() {
         for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"] {
-            let config = Config { host: host.into(), ..Config::for_test() };
+            let config = Config {
+                host: host.into(),
+                ..Config::for_test()
+            };
             assert!(ServerSettings::from_config(&config, None).is_ok(), "{host}");
         }
     }
 
     #[test]
     fn refuses_wildcard_cors_origin() {
-        let settings = ServerSettings { cors_origins: vec!["https://*.example.com".into()], ..ServerSettings::for_test() };
+        let settings = ServerSettings {
+            cors_origins: vec!["https://*.example.com".into()],
+            ..ServerSettings::for_test()
+        };
         assert!(settings.check().is_err());
     }
 
     #[test]
     fn settings_debug_hides_the_key() {
-        let settings = ServerSettings { api_key: Some(Secret::new("canary-key")), ..ServerSettings::for_test() };
+        let settings = ServerSettings {
+            api_key: Some(Secret::new("canary-key")),
+            ..ServerSettings::for_test()
+        };
         assert!(!format!("{settings:?}").contains("canary"));
     }
 }

@@ -46,7 +46,10 @@ impl JobStatus {
     pub fn is_final(self) -> bool {
         match self {
             JobStatus::InQueue | JobStatus::InProgress => false,
-            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled | JobStatus::TimedOut => true,
+            JobStatus::Completed
+            | JobStatus::Failed
+            | JobStatus::Cancelled
+            | JobStatus::TimedOut => true,
         }
     }
 
@@ -138,12 +141,19 @@ pub struct JobStore {
 impl JobStore {
     /// A store keeping finished jobs for `retention`, at most `max_finished` of them.
     pub fn new(retention: Duration, max_finished: usize) -> Self {
-        JobStore { inner: Mutex::new(StoreInner::default()), retention, max_finished: max_finished.max(1) }
+        JobStore {
+            inner: Mutex::new(StoreInner::default()),
+            retention,
+            max_finished: max_finished.max(1),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, StoreInner> {
         // A panic while holding this lock leaves plain data behind; keep serving.
-        let mut inner = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.evict(&mut inner, Instant::now());
         inner
     }
@@ -158,7 +168,9 @@ impl JobStore {
             if still_finished && !expired && !over {
                 break;
             }
-            let Some((_, id)) = inner.finished_order.pop_front() else { break };
+            let Some((_, id)) = inner.finished_order.pop_front() else {
+                break;
+            };
             if still_finished {
                 inner.jobs.remove(&id);
             }
@@ -166,7 +178,13 @@ impl JobStore {
     }
 
     /// Stores a new job in IN_QUEUE.
-    pub fn insert(&self, id: &str, input: Value, execution_timeout: Option<Duration>, cancel: CancellationToken) {
+    pub fn insert(
+        &self,
+        id: &str,
+        input: Value,
+        execution_timeout: Option<Duration>,
+        cancel: CancellationToken,
+    ) {
         let record = JobRecord {
             status: JobStatus::InQueue,
             input,
@@ -187,7 +205,9 @@ impl JobStore {
     /// Marks a job IN_PROGRESS (unless it was cancelled meanwhile). Returns whether it may run.
     pub fn mark_started(&self, id: &str) -> bool {
         let mut inner = self.lock();
-        let Some(record) = inner.jobs.get_mut(id) else { return false };
+        let Some(record) = inner.jobs.get_mut(id) else {
+            return false;
+        };
         if record.status != JobStatus::InQueue {
             return false;
         }
@@ -200,7 +220,9 @@ impl JobStore {
     /// Appends a streamed item.
     pub fn push_item(&self, id: &str, item: Value) {
         let mut inner = self.lock();
-        let Some(record) = inner.jobs.get_mut(id) else { return };
+        let Some(record) = inner.jobs.get_mut(id) else {
+            return;
+        };
         if record.pending.len() >= MAX_PENDING_ITEMS {
             record.pending.pop_front();
             tracing::warn!(job_id = %id, "stream buffer full; dropped the oldest unpolled item");
@@ -249,16 +271,30 @@ impl JobStore {
     pub fn purge_queued(&self) -> usize {
         let queued: Vec<String> = {
             let inner = self.lock();
-            inner.jobs.iter().filter(|(_, r)| r.status == JobStatus::InQueue).map(|(id, _)| id.clone()).collect()
+            inner
+                .jobs
+                .iter()
+                .filter(|(_, r)| r.status == JobStatus::InQueue)
+                .map(|(id, _)| id.clone())
+                .collect()
         };
-        queued.iter().filter(|id| self.cancel(id) == Some(JobStatus::Cancelled)).count()
+        queued
+            .iter()
+            .filter(|id| self.cancel(id) == Some(JobStatus::Cancelled))
+            .count()
     }
 
     /// Puts a FAILED or TIMED_OUT job back in the queue. `Ok(None)` for an unknown id, `Err(status)`
     /// when the job is in a status that cannot be retried.
-    pub fn retry(&self, id: &str, cancel: CancellationToken) -> Result<Option<RetryTicket>, JobStatus> {
+    pub fn retry(
+        &self,
+        id: &str,
+        cancel: CancellationToken,
+    ) -> Result<Option<RetryTicket>, JobStatus> {
         let mut inner = self.lock();
-        let Some(record) = inner.jobs.get_mut(id) else { return Ok(None) };
+        let Some(record) = inner.jobs.get_mut(id) else {
+            return Ok(None);
+        };
         if !matches!(record.status, JobStatus::Failed | JobStatus::TimedOut) {
             return Err(record.status);
         }
@@ -272,7 +308,11 @@ impl JobStore {
         record.cancel = cancel.clone();
         record.retries += 1;
         record.changed.notify_waiters();
-        Ok(Some(RetryTicket { input: record.input.clone(), execution_timeout: record.execution_timeout, cancel }))
+        Ok(Some(RetryTicket {
+            input: record.input.clone(),
+            execution_timeout: record.execution_timeout,
+            cancel,
+        }))
     }
 
     /// The `/status` body, or `None` for an unknown (or evicted) id.
@@ -292,7 +332,11 @@ impl JobStore {
     pub fn take_stream(&self, id: &str) -> Option<(JobStatus, Value)> {
         let mut inner = self.lock();
         let record = inner.jobs.get_mut(id)?;
-        let items: Vec<Value> = record.pending.drain(..).map(|item| json!({ "output": item })).collect();
+        let items: Vec<Value> = record
+            .pending
+            .drain(..)
+            .map(|item| json!({ "output": item }))
+            .collect();
         let mut body = json!({ "id": id, "status": record.status, "stream": items });
         if let Some(error) = &record.error {
             body["error"] = json!(error);
@@ -302,7 +346,10 @@ impl JobStore {
 
     /// Whether `/stream` has something new to say: an unpolled item or a final status.
     pub fn has_stream_news(&self, id: &str) -> bool {
-        self.lock().jobs.get(id).is_none_or(|r| !r.pending.is_empty() || r.status.is_final())
+        self.lock()
+            .jobs
+            .get(id)
+            .is_none_or(|r| !r.pending.is_empty() || r.status.is_final())
     }
 
     /// The change notifier of a job, for waits.
@@ -349,7 +396,9 @@ fn status_body(id: &str, record: &JobRecord) -> Value {
     let now = Instant::now();
     let started = record.started.unwrap_or(now);
     let delay = started.saturating_duration_since(record.created);
-    let execution = record.started.map(|s| record.finished.unwrap_or(now).saturating_duration_since(s));
+    let execution = record
+        .started
+        .map(|s| record.finished.unwrap_or(now).saturating_duration_since(s));
     let mut body = json!({
         "id": id,
         "status": record.status,
@@ -379,10 +428,22 @@ mod tests {
 
     #[test]
     fn status_wire_strings_match_runpod() {
-        assert_eq!(serde_json::to_value(JobStatus::InQueue).unwrap(), "IN_QUEUE");
-        assert_eq!(serde_json::to_value(JobStatus::InProgress).unwrap(), "IN_PROGRESS");
-        assert_eq!(serde_json::to_value(JobStatus::TimedOut).unwrap(), "TIMED_OUT");
-        assert_eq!(serde_json::to_value(JobStatus::Cancelled).unwrap(), "CANCELLED");
+        assert_eq!(
+            serde_json::to_value(JobStatus::InQueue).unwrap(),
+            "IN_QUEUE"
+        );
+        assert_eq!(
+            serde_json::to_value(JobStatus::InProgress).unwrap(),
+            "IN_PROGRESS"
+        );
+        assert_eq!(
+            serde_json::to_value(JobStatus::TimedOut).unwrap(),
+            "TIMED_OUT"
+        );
+        assert_eq!(
+            serde_json::to_value(JobStatus::Cancelled).unwrap(),
+            "CANCELLED"
+        );
     }
 
     #[test]
@@ -412,7 +473,10 @@ mod tests {
         assert_eq!(s.cancel("a"), Some(JobStatus::Cancelled));
         assert!(token.is_cancelled());
         assert!(!s.mark_started("a"));
-        assert_eq!(s.finish("a", Err(JobError::Cancelled)), Some(JobStatus::Cancelled));
+        assert_eq!(
+            s.finish("a", Err(JobError::Cancelled)),
+            Some(JobStatus::Cancelled)
+        );
         assert_eq!(s.cancel("missing"), None);
     }
 
@@ -420,7 +484,11 @@ mod tests {
     fn failures_map_to_runpod_statuses() {
         let s = store();
         for (id, err, status) in [
-            ("t", JobError::Timeout("deadline".into()), JobStatus::TimedOut),
+            (
+                "t",
+                JobError::Timeout("deadline".into()),
+                JobStatus::TimedOut,
+            ),
             ("f", JobError::Validation("bad".into()), JobStatus::Failed),
         ] {
             s.insert(id, json!({}), None, CancellationToken::new());
@@ -455,8 +523,16 @@ mod tests {
     #[test]
     fn retry_requeues_failed_jobs_only() {
         let s = store();
-        s.insert("a", json!({"prompt": "p"}), Some(Duration::from_secs(5)), CancellationToken::new());
-        assert_eq!(s.retry("a", CancellationToken::new()).unwrap_err(), JobStatus::InQueue);
+        s.insert(
+            "a",
+            json!({"prompt": "p"}),
+            Some(Duration::from_secs(5)),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            s.retry("a", CancellationToken::new()).unwrap_err(),
+            JobStatus::InQueue
+        );
         s.finish("a", Err(JobError::Engine("boom".into())));
         let ticket = s.retry("a", CancellationToken::new()).unwrap().unwrap();
         assert_eq!(ticket.input, json!({"prompt": "p"}));
@@ -465,7 +541,10 @@ mod tests {
         assert_eq!(s.counts().retried, 1);
         // The stale finish-order entry must not evict the re-queued job.
         assert!(s.status_body("a").is_some());
-        assert!(s.retry("missing", CancellationToken::new()).unwrap().is_none());
+        assert!(s
+            .retry("missing", CancellationToken::new())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
