@@ -70,3 +70,66 @@ async fn invalid_configuration_reports_unhealthy_and_exits_one() {
     assert_eq!(requests[0].query_param("status"), Some("unhealthy"));
     running.stop().await;
 }
+
+#[tokio::test]
+async fn legacy_job_stream_variable_is_honoured() {
+    let running = Platform::serve(
+        PlatformConfig::default(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .unwrap();
+    // The SDK's local simulator spells it RUNPOD_WEBHOOK_JOB_STREAM.
+    let env: Vec<(String, String)> = running
+        .worker_env()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "RUNPOD_WEBHOOK_POST_STREAM" {
+                ("RUNPOD_WEBHOOK_JOB_STREAM".into(), v)
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let model =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let log_dir = tempfile::tempdir().unwrap();
+    let launch = wick::harness::WorkerLaunch {
+        wick: env!("CARGO_BIN_EXE_wick").into(),
+        args: Vec::new(),
+        env: vec![
+            ("MODEL_NAME".into(), model.display().to_string()),
+            ("HF_HUB_OFFLINE".into(), "1".into()),
+            ("RAYON_NUM_THREADS".into(), "1".into()),
+            ("CANDLE_NUM_THREADS".into(), "1".into()),
+        ],
+        log: Some(log_dir.path().join("wick.log")),
+        ping_interval_ms: 1000,
+        grace_secs: 5,
+    };
+    let mut worker = wick::harness::WorkerProcess::spawn(&launch, &env).unwrap();
+    let id = running.platform.submit(serde_json::json!({
+        "prompt": "Hello", "stream": true, "sampling_params": {"max_tokens": 4, "ignore_eos": true}
+    }));
+    let job = running
+        .platform
+        .wait_terminal(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.status, wick::harness::JobStatus::Completed);
+    assert_eq!(
+        job.stream.len(),
+        3,
+        "chunks of 1 and 3 tokens, then the finish"
+    );
+    worker.sigterm().unwrap();
+    assert_eq!(
+        worker
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    running.stop().await;
+}
