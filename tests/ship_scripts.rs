@@ -38,9 +38,10 @@ fn env_vars_in_sources() -> BTreeSet<String> {
     for file in files {
         // A quote character literal would flip the literal/code parity below: blank those first.
         let text = std::fs::read_to_string(&file).unwrap().replace("'\\\"'", "'_'").replace("'\"'", "'_'");
-        let mut offset = 0;
+        let mut offset: usize = 0;
         for (index, piece) in text.split('"').enumerate() {
-            let before = &text[..offset];
+            // The text before this piece's opening quote.
+            let before = &text[..offset.saturating_sub(1)];
             offset += piece.len() + 1;
             // Odd pieces are inside a string literal (good enough for this crate's sources).
             if index % 2 == 0 {
