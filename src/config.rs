@@ -52,7 +52,11 @@ pub fn env_var(name: &str) -> Option<String> {
 
 /// Command line of the `wick` binary.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wick", version, about = "Serverless LLM worker (RunPod protocol, candle engine)")]
+#[command(
+    name = "wick",
+    version,
+    about = "Serverless LLM worker (RunPod protocol, candle engine)"
+)]
 pub struct Cli {
     /// Optional subcommand; without one wick runs as a worker (queue, one-shot or dev server).
     #[command(subcommand)]
@@ -180,19 +184,32 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the flag.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |flag: &'static str, reason: String| Err(ConfigError::Invalid { flag, reason });
+        let invalid =
+            |flag: &'static str, reason: String| Err(ConfigError::Invalid { flag, reason });
         if !matches!(self.dtype.as_str(), "auto" | "f32" | "f16" | "bf16") {
-            return invalid("--dtype/DTYPE", format!("must be auto, f32, f16 or bf16, got {:?}", self.dtype));
+            return invalid(
+                "--dtype/DTYPE",
+                format!("must be auto, f32, f16 or bf16, got {:?}", self.dtype),
+            );
         }
         if self.max_num_seqs == 0 || self.max_num_seqs > 1024 {
-            return invalid("--max-num-seqs/MAX_NUM_SEQS", format!("must be in 1..=1024, got {}", self.max_num_seqs));
+            return invalid(
+                "--max-num-seqs/MAX_NUM_SEQS",
+                format!("must be in 1..=1024, got {}", self.max_num_seqs),
+            );
         }
         if self.max_num_batched_tokens == 0 {
-            return invalid("--max-num-batched-tokens/MAX_NUM_BATCHED_TOKENS", "must be > 0".into());
+            return invalid(
+                "--max-num-batched-tokens/MAX_NUM_BATCHED_TOKENS",
+                "must be > 0".into(),
+            );
         }
         if let Some(len) = self.max_model_len {
             if len < 2 {
-                return invalid("--max-model-len/MAX_MODEL_LEN", format!("must be >= 2, got {len}"));
+                return invalid(
+                    "--max-model-len/MAX_MODEL_LEN",
+                    format!("must be >= 2, got {len}"),
+                );
             }
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
@@ -202,25 +219,43 @@ impl Config {
             );
         }
         if self.max_logprobs > 20 {
-            return invalid("--max-logprobs/MAX_LOGPROBS", format!("must be <= 20, got {}", self.max_logprobs));
+            return invalid(
+                "--max-logprobs/MAX_LOGPROBS",
+                format!("must be <= 20, got {}", self.max_logprobs),
+            );
         }
         if self.max_concurrency == 0 || self.max_concurrency > 4096 {
-            return invalid("--max-concurrency/MAX_CONCURRENCY", format!("must be in 1..=4096, got {}", self.max_concurrency));
+            return invalid(
+                "--max-concurrency/MAX_CONCURRENCY",
+                format!("must be in 1..=4096, got {}", self.max_concurrency),
+            );
         }
         if self.default_batch_size == 0 || self.default_min_batch_size == 0 {
-            return invalid("--default-batch-size/DEFAULT_BATCH_SIZE", "batch sizes must be >= 1".into());
+            return invalid(
+                "--default-batch-size/DEFAULT_BATCH_SIZE",
+                "batch sizes must be >= 1".into(),
+            );
         }
         if self.default_batch_size_growth_factor < 1.0 {
             return invalid(
                 "--default-batch-size-growth-factor/DEFAULT_BATCH_SIZE_GROWTH_FACTOR",
-                format!("must be >= 1, got {}", self.default_batch_size_growth_factor),
+                format!(
+                    "must be >= 1, got {}",
+                    self.default_batch_size_growth_factor
+                ),
             );
         }
         if self.cors_origins.iter().any(|o| o.trim() == "*") {
-            return invalid("--cors-origins/WICK_CORS_ORIGINS", "`*` is not allowed; list origins explicitly".into());
+            return invalid(
+                "--cors-origins/WICK_CORS_ORIGINS",
+                "`*` is not allowed; list origins explicitly".into(),
+            );
         }
         if self.max_request_bytes == 0 {
-            return invalid("--max-request-bytes/MAX_REQUEST_BYTES", "must be > 0".into());
+            return invalid(
+                "--max-request-bytes/MAX_REQUEST_BYTES",
+                "must be > 0".into(),
+            );
         }
         Ok(())
     }
@@ -245,8 +280,13 @@ mod tests {
 
     #[test]
     fn rejects_cors_wildcard() {
-        let cfg = Config { cors_origins: vec!["*".into()], ..Config::for_test() };
-        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid { flag, .. }) if flag.contains("cors")));
+        let cfg = Config {
+            cors_origins: vec!["*".into()],
+            ..Config::for_test()
+        };
+        assert!(
+            matches!(cfg.validate(), Err(ConfigError::Invalid { flag, .. }) if flag.contains("cors"))
+        );
     }
 
     #[test]

@@ -115,6 +115,8 @@ impl EngineStats {
 
 /// A message to the engine thread.
 #[derive(Debug)]
+// `Shutdown` is sent once per process; boxing every request to shrink it is not worth an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum EngineCommand {
     /// Generate: the request and the sender for its events.
     Generate {
@@ -146,7 +148,12 @@ impl EngineHandle {
         stats: Arc<EngineStats>,
         tokenizer: Arc<crate::tokenizer::Tokenizer>,
     ) -> Self {
-        EngineHandle { commands, info, stats, tokenizer }
+        EngineHandle {
+            commands,
+            info,
+            stats,
+            tokenizer,
+        }
     }
 
     /// Submits a request without waiting. The returned receiver yields [`SeqEvent`]s; dropping it
@@ -158,21 +165,28 @@ impl EngineHandle {
     pub fn submit(&self, request: GenerateRequest) -> Result<SeqEvents, EngineError> {
         let max_model_len = self.info.max_model_len;
         if request.prompt_ids.is_empty() || request.prompt_ids.len() >= max_model_len {
-            return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_model_len });
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: request.prompt_ids.len(),
+                max_model_len,
+            });
         }
         // Bound: one event per generated token plus the final summary, so the engine's
         // `try_send` can never find the channel full while the receiver is alive.
         let capacity = request.params.max_tokens.clamp(1, max_model_len) + 2;
         let (reply, events) = mpsc::channel(capacity);
-        let command = EngineCommand::Generate { request, reply, submitted_at: std::time::Instant::now() };
+        let command = EngineCommand::Generate {
+            request,
+            reply,
+            submitted_at: std::time::Instant::now(),
+        };
         match self.commands.try_send(command) {
             Ok(()) => {
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);
                 Ok(events)
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Err(EngineError::Overloaded { capacity: self.commands.max_capacity() })
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+                capacity: self.commands.max_capacity(),
+            }),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
         }
     }

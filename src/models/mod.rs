@@ -60,5 +60,6 @@ pub trait CausalLm: Send {
 
     /// Runs one forward pass over `batch`: writes the new tokens' K/V into `cache` and returns the
     /// logits of each sequence's last new token, shape `(batch.seqs.len(), vocab_size)`, f32.
-    fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache) -> candle_core::Result<Tensor>;
+    fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache)
+        -> candle_core::Result<Tensor>;
 }

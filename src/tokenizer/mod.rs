@@ -64,6 +64,8 @@ impl Tokenizer {
     /// # Errors
     /// [`TokenizerError::Codec`].
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 }
