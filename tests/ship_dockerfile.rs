@@ -52,11 +52,20 @@ fn parse_instructions(text: &str) -> Vec<Instruction> {
             if joined.is_empty() {
                 continue;
             }
-            let (keyword, args) = joined.split_once(char::is_whitespace).unwrap_or((&joined, ""));
-            out.push(Instruction { keyword: keyword.to_ascii_uppercase(), args: args.trim().to_string(), line: start });
+            let (keyword, args) = joined
+                .split_once(char::is_whitespace)
+                .unwrap_or((&joined, ""));
+            out.push(Instruction {
+                keyword: keyword.to_ascii_uppercase(),
+                args: args.trim().to_string(),
+                line: start,
+            });
         }
     }
-    assert!(current.is_none(), "Dockerfile ends inside a continued instruction");
+    assert!(
+        current.is_none(),
+        "Dockerfile ends inside a continued instruction"
+    );
     out
 }
 
@@ -66,17 +75,29 @@ fn parse_stages(text: &str) -> (Vec<Instruction>, Vec<Stage>) {
     let mut stages: Vec<Stage> = Vec::new();
     for instruction in parse_instructions(text) {
         if instruction.keyword == "FROM" {
-            let words: Vec<&str> = instruction.args.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+            let words: Vec<&str> = instruction
+                .args
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
             let name = match words.as_slice() {
                 [_, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => Some(name.to_string()),
                 [_] => None,
                 other => panic!("line {}: cannot read FROM {other:?}", instruction.line),
             };
-            stages.push(Stage { base: words[0].to_string(), name, instructions: Vec::new() });
+            stages.push(Stage {
+                base: words[0].to_string(),
+                name,
+                instructions: Vec::new(),
+            });
         } else if let Some(stage) = stages.last_mut() {
             stage.instructions.push(instruction);
         } else {
-            assert_eq!(instruction.keyword, "ARG", "line {}: only ARG may precede the first FROM", instruction.line);
+            assert_eq!(
+                instruction.keyword, "ARG",
+                "line {}: only ARG may precede the first FROM",
+                instruction.line
+            );
             globals.push(instruction);
         }
     }
@@ -91,7 +112,8 @@ struct Dockerfile {
 impl Dockerfile {
     fn load() -> Self {
         let path = repo_root().join("docker/Dockerfile");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (globals, stages) = parse_stages(&text);
         assert!(!stages.is_empty(), "no FROM in docker/Dockerfile");
         Dockerfile { globals, stages }
@@ -105,7 +127,11 @@ impl Dockerfile {
     fn global_defaults(&self) -> HashMap<String, String> {
         self.globals
             .iter()
-            .filter_map(|i| i.args.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+            .filter_map(|i| {
+                i.args
+                    .split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
             .collect()
     }
 
@@ -121,7 +147,9 @@ impl Dockerfile {
         }
         let mut image = base;
         for (key, value) in self.global_defaults() {
-            image = image.replace(&format!("${{{key}}}"), &value).replace(&format!("${key}"), &value);
+            image = image
+                .replace(&format!("${{{key}}}"), &value)
+                .replace(&format!("${key}"), &value);
         }
         image
     }
@@ -146,14 +174,20 @@ impl Dockerfile {
             .iter()
             .filter(|s| {
                 std::ptr::eq(*s, last)
-                    || self.lineage(s).iter().any(|st| st.instructions.iter().any(|i| i.keyword == "ENTRYPOINT"))
+                    || self
+                        .lineage(s)
+                        .iter()
+                        .any(|st| st.instructions.iter().any(|i| i.keyword == "ENTRYPOINT"))
             })
             .collect()
     }
 }
 
 fn all_instructions(dockerfile: &Dockerfile) -> impl Iterator<Item = &Instruction> {
-    dockerfile.globals.iter().chain(dockerfile.stages.iter().flat_map(|s| s.instructions.iter()))
+    dockerfile
+        .globals
+        .iter()
+        .chain(dockerfile.stages.iter().flat_map(|s| s.instructions.iter()))
 }
 
 #[test]
@@ -162,24 +196,59 @@ fn build_stage_compiles_the_cuda_feature_in_a_cuda_devel_image() {
     let build_stages: Vec<&Stage> = dockerfile
         .stages
         .iter()
-        .filter(|s| s.instructions.iter().any(|i| i.keyword == "RUN" && i.args.contains("cargo build")))
+        .filter(|s| {
+            s.instructions
+                .iter()
+                .any(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        })
         .collect();
-    assert_eq!(build_stages.len(), 1, "exactly one stage runs `cargo build`");
+    assert_eq!(
+        build_stages.len(),
+        1,
+        "exactly one stage runs `cargo build`"
+    );
     let stage = build_stages[0];
     let image = dockerfile.root_image(stage);
-    assert!(image.starts_with("nvidia/cuda:") && image.contains("-devel"), "build stage base is {image}, not a CUDA devel image");
+    assert!(
+        image.starts_with("nvidia/cuda:") && image.contains("-devel"),
+        "build stage base is {image}, not a CUDA devel image"
+    );
 
     let cap_arg = stage
         .instructions
         .iter()
         .find(|i| i.keyword == "ARG" && i.args.starts_with("CUDA_COMPUTE_CAP"))
         .expect("the build stage declares ARG CUDA_COMPUTE_CAP (no GPU during docker build)");
-    let default_cap = cap_arg.args.split_once('=').map(|(_, v)| v.trim()).unwrap_or("");
-    assert!(default_cap.parse::<u32>().is_ok_and(|c| (50..=130).contains(&c)), "CUDA_COMPUTE_CAP default {default_cap:?}");
+    let default_cap = cap_arg
+        .args
+        .split_once('=')
+        .map(|(_, v)| v.trim())
+        .unwrap_or("");
+    assert!(
+        default_cap
+            .parse::<u32>()
+            .is_ok_and(|c| (50..=130).contains(&c)),
+        "CUDA_COMPUTE_CAP default {default_cap:?}"
+    );
 
-    let build = stage.instructions.iter().find(|i| i.keyword == "RUN" && i.args.contains("cargo build")).unwrap();
-    for needed in ["--release", "--locked", "--no-default-features", "--features cuda", "CUDA_COMPUTE_CAP"] {
-        assert!(build.args.contains(needed), "line {}: cargo build lacks `{needed}`: {}", build.line, build.args);
+    let build = stage
+        .instructions
+        .iter()
+        .find(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .unwrap();
+    for needed in [
+        "--release",
+        "--locked",
+        "--no-default-features",
+        "--features cuda",
+        "CUDA_COMPUTE_CAP",
+    ] {
+        assert!(
+            build.args.contains(needed),
+            "line {}: cargo build lacks `{needed}`: {}",
+            build.line,
+            build.args
+        );
     }
 }
 
@@ -194,11 +263,17 @@ fn runnable_stages_use_a_cuda_runtime_image() {
             stage.name
         );
         let copies_wick = dockerfile.lineage(stage).iter().any(|st| {
-            st.instructions
-                .iter()
-                .any(|i| i.keyword == "COPY" && i.args.contains("--from=") && i.args.ends_with("/usr/local/bin/wick"))
+            st.instructions.iter().any(|i| {
+                i.keyword == "COPY"
+                    && i.args.contains("--from=")
+                    && i.args.ends_with("/usr/local/bin/wick")
+            })
         });
-        assert!(copies_wick, "stage {:?} does not copy the built wick to /usr/local/bin/wick", stage.name);
+        assert!(
+            copies_wick,
+            "stage {:?} does not copy the built wick to /usr/local/bin/wick",
+            stage.name
+        );
     }
 }
 
@@ -206,19 +281,35 @@ fn runnable_stages_use_a_cuda_runtime_image() {
 fn entrypoint_is_exec_form_so_wick_is_pid_1_and_gets_sigterm() {
     let dockerfile = Dockerfile::load();
     let last = dockerfile.stages.last().unwrap();
-    let last_has_entrypoint =
-        dockerfile.lineage(last).iter().any(|st| st.instructions.iter().any(|i| i.keyword == "ENTRYPOINT"));
-    assert!(last_has_entrypoint, "the default (last) stage has no ENTRYPOINT");
+    let last_has_entrypoint = dockerfile
+        .lineage(last)
+        .iter()
+        .any(|st| st.instructions.iter().any(|i| i.keyword == "ENTRYPOINT"));
+    assert!(
+        last_has_entrypoint,
+        "the default (last) stage has no ENTRYPOINT"
+    );
 
     for instruction in all_instructions(&dockerfile) {
         match instruction.keyword.as_str() {
             "ENTRYPOINT" => {
-                let argv: Vec<String> = serde_json::from_str(&instruction.args).unwrap_or_else(|_| {
-                    panic!("line {}: ENTRYPOINT is shell form (wick would not be PID 1): {}", instruction.line, instruction.args)
-                });
-                assert_eq!(argv.first().map(String::as_str), Some("/usr/local/bin/wick"), "line {}", instruction.line);
+                let argv: Vec<String> =
+                    serde_json::from_str(&instruction.args).unwrap_or_else(|_| {
+                        panic!(
+                            "line {}: ENTRYPOINT is shell form (wick would not be PID 1): {}",
+                            instruction.line, instruction.args
+                        )
+                    });
+                assert_eq!(
+                    argv.first().map(String::as_str),
+                    Some("/usr/local/bin/wick"),
+                    "line {}",
+                    instruction.line
+                );
                 assert!(
-                    !argv.iter().any(|a| a == "sh" || a == "/bin/sh" || a == "bash" || a == "-c"),
+                    !argv
+                        .iter()
+                        .any(|a| a == "sh" || a == "/bin/sh" || a == "bash" || a == "-c"),
                     "line {}: ENTRYPOINT goes through a shell",
                     instruction.line
                 );
@@ -246,7 +337,11 @@ fn runnable_stages_switch_to_a_non_root_user_before_the_entrypoint() {
             for instruction in &st.instructions {
                 match instruction.keyword.as_str() {
                     "USER" => {
-                        assert!(!saw_entrypoint, "line {}: USER after the ENTRYPOINT; set it before", instruction.line);
+                        assert!(
+                            !saw_entrypoint,
+                            "line {}: USER after the ENTRYPOINT; set it before",
+                            instruction.line
+                        );
                         user = Some(instruction.args.clone());
                     }
                     "ENTRYPOINT" => {
@@ -276,16 +371,34 @@ fn runnable_stages_switch_to_a_non_root_user_before_the_entrypoint() {
 #[test]
 fn no_secret_is_ever_an_arg_or_env() {
     let dockerfile = Dockerfile::load();
-    let secret_words = ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "CREDENTIAL"];
+    let secret_words = [
+        "TOKEN",
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "API_KEY",
+        "APIKEY",
+        "CREDENTIAL",
+    ];
     for instruction in all_instructions(&dockerfile) {
         if instruction.keyword == "ARG" || instruction.keyword == "ENV" {
             let upper = instruction.args.to_ascii_uppercase();
             for word in secret_words {
-                assert!(!upper.contains(word), "line {}: {} mentions {word}: {}", instruction.line, instruction.keyword, instruction.args);
+                assert!(
+                    !upper.contains(word),
+                    "line {}: {} mentions {word}: {}",
+                    instruction.line,
+                    instruction.keyword,
+                    instruction.args
+                );
             }
         }
         if instruction.args.contains("HF_TOKEN") {
-            assert_eq!(instruction.keyword, "RUN", "line {}: HF_TOKEN outside a RUN", instruction.line);
+            assert_eq!(
+                instruction.keyword, "RUN",
+                "line {}: HF_TOKEN outside a RUN",
+                instruction.line
+            );
             assert!(
                 instruction.args.contains("--mount=type=secret"),
                 "line {}: a RUN that uses HF_TOKEN must take it from a BuildKit secret mount",
@@ -308,8 +421,16 @@ fn baked_model_is_downloaded_with_wick_download_and_the_token_as_a_build_secret(
     let download = all_instructions(&dockerfile)
         .find(|i| i.keyword == "RUN" && i.args.contains("wick download"))
         .expect("a RUN that bakes a model with `wick download`");
-    assert!(download.args.contains("--mount=type=secret,id=hf_token"), "line {}", download.line);
-    assert!(download.args.contains("required=false"), "line {}: baking a public model must not need the secret", download.line);
+    assert!(
+        download.args.contains("--mount=type=secret,id=hf_token"),
+        "line {}",
+        download.line
+    );
+    assert!(
+        download.args.contains("required=false"),
+        "line {}: baking a public model must not need the secret",
+        download.line
+    );
 }
 
 #[test]
@@ -317,21 +438,47 @@ fn copied_paths_exist_and_stage_references_resolve() {
     let dockerfile = Dockerfile::load();
     let root = repo_root();
     for (index, stage) in dockerfile.stages.iter().enumerate() {
-        for instruction in stage.instructions.iter().filter(|i| i.keyword == "COPY" || i.keyword == "ADD") {
-            assert_eq!(instruction.keyword, "COPY", "line {}: use COPY, not ADD", instruction.line);
+        for instruction in stage
+            .instructions
+            .iter()
+            .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")
+        {
+            assert_eq!(
+                instruction.keyword, "COPY",
+                "line {}: use COPY, not ADD",
+                instruction.line
+            );
             let words: Vec<&str> = instruction.args.split_whitespace().collect();
             let from = words.iter().find_map(|w| w.strip_prefix("--from="));
-            let paths: Vec<&str> = words.iter().copied().filter(|w| !w.starts_with("--")).collect();
-            assert!(paths.len() >= 2, "line {}: COPY needs a source and a destination", instruction.line);
+            let paths: Vec<&str> = words
+                .iter()
+                .copied()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
+            assert!(
+                paths.len() >= 2,
+                "line {}: COPY needs a source and a destination",
+                instruction.line
+            );
             let sources = &paths[..paths.len() - 1];
             match from {
                 Some(name) => {
-                    let earlier = dockerfile.stages[..index].iter().any(|s| s.name.as_deref() == Some(name));
-                    assert!(earlier, "line {}: COPY --from={name} is not an earlier stage", instruction.line);
+                    let earlier = dockerfile.stages[..index]
+                        .iter()
+                        .any(|s| s.name.as_deref() == Some(name));
+                    assert!(
+                        earlier,
+                        "line {}: COPY --from={name} is not an earlier stage",
+                        instruction.line
+                    );
                 }
                 None => {
                     for source in sources {
-                        assert!(root.join(source).exists(), "line {}: COPY source {source} is not in the repository", instruction.line);
+                        assert!(
+                            root.join(source).exists(),
+                            "line {}: COPY source {source} is not in the repository",
+                            instruction.line
+                        );
                     }
                 }
             }
@@ -342,7 +489,11 @@ fn copied_paths_exist_and_stage_references_resolve() {
 #[test]
 fn dockerignore_keeps_build_outputs_models_and_git_out_of_the_context() {
     let text = std::fs::read_to_string(repo_root().join(".dockerignore")).unwrap();
-    let patterns: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let patterns: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
     for needed in ["target", "models", ".git"] {
         assert!(patterns.contains(&needed), ".dockerignore lacks `{needed}`");
     }
@@ -350,7 +501,10 @@ fn dockerignore_keeps_build_outputs_models_and_git_out_of_the_context() {
     for kept in ["Cargo.toml", "Cargo.lock", "src", "*", "**"] {
         assert!(!patterns.contains(&kept), ".dockerignore excludes `{kept}`");
     }
-    assert!(Path::new(&repo_root().join("Cargo.lock")).exists(), "Cargo.lock must be committed for --locked builds");
+    assert!(
+        Path::new(&repo_root().join("Cargo.lock")).exists(),
+        "Cargo.lock must be committed for --locked builds"
+    );
 }
 
 #[test]
