@@ -1,13 +1,200 @@
 //! The KV cache, owned by the engine and lent to the model for each forward pass.
 //!
-//! A slot cache: per layer one K and one V tensor of shape `(num_slots, kv_heads, max_ctx, head_dim)`.
-//! A sequence holds one slot for its life; its tokens live at positions `0..len` of that slot.
+//! A slot cache: per layer one K and one V tensor of shape `(num_slots, kv_heads, max_ctx, head_dim)`
+//! in the compute dtype, allocated once at start. A sequence holds one slot for its life; its tokens
+//! live at positions `0..len` of that slot. Which slot is free is the engine's bookkeeping; this type
+//! only stores tensors. A freed slot is not zeroed: positions at or past a sequence's length are
+//! always masked out of attention.
 
-use candle_core::Tensor;
+use candle_core::{bail, Device, Result, Tensor};
 
-/// Per-layer K and V tensors, each `(num_slots, kv_heads, max_ctx, head_dim)`.
+use crate::models::ModelInfo;
+
+/// Per-layer K and V tensors for every slot.
 #[derive(Debug)]
 pub struct KvCache {
-    /// One `(k, v)` pair per decoder layer.
-    pub layers: Vec<(Tensor, Tensor)>,
+    /// One `(k, v)` pair per layer, each `(num_slots, kv_heads, max_ctx, head_dim)`.
+    layers: Vec<(Tensor, Tensor)>,
+    num_slots: usize,
+    max_ctx: usize,
+    bytes_per_token: usize,
+}
+
+impl KvCache {
+    /// Allocates the whole cache (zeros) on `device` in `info.dtype`.
+    ///
+    /// # Errors
+    /// Zero slots or context, or allocation failure.
+    pub fn new(
+        info: &ModelInfo,
+        num_slots: usize,
+        max_ctx: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if num_slots == 0 || max_ctx == 0 {
+            bail!("kv cache needs at least one slot and one position (got {num_slots} slots, {max_ctx} positions)")
+        }
+        let shape = (num_slots, info.num_kv_heads, max_ctx, info.head_dim);
+        let layers = (0..info.num_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, info.dtype, device)?,
+                    Tensor::zeros(shape, info.dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            num_slots,
+            max_ctx,
+            bytes_per_token: Self::bytes_per_token(info),
+        })
+    }
+
+    /// Bytes of K plus V for one token across all layers: `2 * layers * kv_heads * head_dim * dtype size`.
+    pub fn bytes_per_token(info: &ModelInfo) -> usize {
+        2 * info.num_layers * info.num_kv_heads * info.head_dim * info.dtype.size_in_bytes()
+    }
+
+    /// Bytes the whole cache occupies: `bytes_per_token * num_slots * max_ctx`.
+    pub fn total_bytes(&self) -> usize {
+        self.bytes_per_token * self.num_slots * self.max_ctx
+    }
+
+    /// Number of sequences the cache can hold at once.
+    pub fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+
+    /// Positions per slot (the longest sequence, prompt plus output).
+    pub fn max_ctx(&self) -> usize {
+        self.max_ctx
+    }
+
+    /// Number of layers stored.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The `(k, v)` tensors of `layer`, each `(num_slots, kv_heads, max_ctx, head_dim)`.
+    ///
+    /// # Errors
+    /// `layer` out of range.
+    pub fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        match self.layers.get(layer) {
+            Some((k, v)) => Ok((k, v)),
+            None => bail!(
+                "kv cache has {} layers, asked for layer {layer}",
+                self.layers.len()
+            ),
+        }
+    }
+
+    /// Writes new keys and values of one sequence at positions `start_pos..start_pos + len` of `slot`.
+    /// `k` and `v` are `(kv_heads, len, head_dim)`, contiguous, in the cache dtype.
+    ///
+    /// # Errors
+    /// Out-of-range layer, slot or positions, or a shape/dtype mismatch.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        slot: usize,
+        start_pos: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        if slot >= self.num_slots {
+            bail!("kv slot {slot} out of range ({} slots)", self.num_slots)
+        }
+        let len = k.dim(1)?;
+        if start_pos + len > self.max_ctx {
+            bail!(
+                "kv positions {start_pos}..{} exceed the cache context {}",
+                start_pos + len,
+                self.max_ctx
+            )
+        }
+        let (k_cache, v_cache) = self.layer(layer)?;
+        // A narrow on dim 0 of a contiguous tensor is a contiguous view into the same storage, so
+        // slice_set writes straight into the cache.
+        k_cache
+            .narrow(0, slot, 1)?
+            .slice_set(&k.unsqueeze(0)?, 2, start_pos)?;
+        v_cache
+            .narrow(0, slot, 1)?
+            .slice_set(&v.unsqueeze(0)?, 2, start_pos)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            architecture: "test".into(),
+            vocab_size: 10,
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 4,
+            max_position_embeddings: 64,
+            eos_token_ids: vec![],
+            bos_token_id: None,
+            dtype: DType::F32,
+        }
+    }
+
+    #[test]
+    fn sizes_follow_shape() {
+        let cache = KvCache::new(&info(), 3, 16, &Device::Cpu).unwrap();
+        assert_eq!(KvCache::bytes_per_token(&info()), 2 * 2 * 2 * 4 * 4);
+        assert_eq!(cache.total_bytes(), 2 * 2 * 2 * 4 * 4 * 3 * 16);
+        assert_eq!(
+            (cache.num_slots(), cache.max_ctx(), cache.num_layers()),
+            (3, 16, 2)
+        );
+    }
+
+    #[test]
+    fn write_lands_in_its_slot_and_positions_only() {
+        let mut cache = KvCache::new(&info(), 3, 16, &Device::Cpu).unwrap();
+        let k = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let v = (k.clone() * 2.0).unwrap();
+        cache.write(1, 2, 5, &k, &v).unwrap();
+        let (kc, vc) = cache.layer(1).unwrap();
+        let total: f32 = kc.sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(total, 24.0);
+        let in_place: f32 = kc
+            .narrow(0, 2, 1)
+            .unwrap()
+            .narrow(2, 5, 3)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(in_place, 24.0);
+        let v_total: f32 = vc.sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(v_total, 48.0);
+        let other_layer: f32 = cache
+            .layer(0)
+            .unwrap()
+            .0
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(other_layer, 0.0);
+    }
+
+    #[test]
+    fn write_past_context_is_an_error() {
+        let mut cache = KvCache::new(&info(), 1, 4, &Device::Cpu).unwrap();
+        let k = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(cache.write(0, 0, 2, &k, &k).is_err());
+        assert!(cache.write(0, 1, 0, &k, &k).is_err());
+    }
 }

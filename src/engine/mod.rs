@@ -6,19 +6,34 @@
 //! Owned here: scheduling, KV-cache slots, sampling, stop handling, incremental detokenization.
 //! Not here: input validation and output shaping (`job`), HTTP (`queue`, `server`), downloads (`hub`).
 
+pub mod detok;
 pub mod kv_cache;
+pub mod loader;
 pub mod request;
+mod runner;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+pub mod stop;
+
+pub use loader::{load_engine, warm_up};
 
 pub use request::{
     FinishReason, GenerateRequest, GeneratedToken, SamplingParams, SeqEvent, SeqEvents, SeqSummary,
     StopMatch, TokenLogprob,
 };
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use candle_core::Device;
+
 use thiserror::Error;
 use tokio::sync::mpsc;
+
+use crate::models::CausalLm;
+use crate::tokenizer::Tokenizer;
 
 /// Why the engine refused or failed a request before it produced events.
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -115,7 +130,7 @@ impl EngineStats {
 
 /// A message to the engine thread.
 #[derive(Debug)]
-// `Shutdown` is sent once per process; boxing every request to shrink it is not worth an allocation.
+// Reason: `Generate` is the common case; boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum EngineCommand {
     /// Generate: the request and the sender for its events.
@@ -216,4 +231,127 @@ impl EngineHandle {
     pub fn tokenizer(&self) -> &Arc<crate::tokenizer::Tokenizer> {
         &self.tokenizer
     }
+}
+
+/// Engine sizing, fixed at start: the KV cache holds `max_num_seqs` slots of `max_model_len` positions.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// KV-cache slots: sequences running at once. Further requests wait for a free slot.
+    pub max_num_seqs: usize,
+    /// Longest prompt + output per sequence; a prompt of this length or more is rejected.
+    pub max_model_len: usize,
+    /// Prompt tokens prefilled per engine step (chunked prefill budget).
+    pub max_num_batched_tokens: usize,
+    /// Requests the inbox holds before `submit` answers [`EngineError::Overloaded`].
+    pub inbox_capacity: usize,
+    /// Name the model is served under.
+    pub model_name: String,
+    /// Device of the model and the KV cache.
+    pub device: Device,
+}
+
+impl EngineConfig {
+    /// Defaults for a CPU engine serving `model_name` (tests and embedding).
+    pub fn for_cpu(
+        model_name: impl Into<String>,
+        max_model_len: usize,
+        max_num_seqs: usize,
+    ) -> Self {
+        EngineConfig {
+            max_num_seqs,
+            max_model_len,
+            max_num_batched_tokens: 256,
+            inbox_capacity: 1024,
+            model_name: model_name.into(),
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Describes a device for logs and [`EngineInfo`].
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Starts the engine thread (named `wick-engine`), which owns `model` and a KV cache of
+/// `config.max_num_seqs` slots x `config.max_model_len` positions, allocated here once.
+///
+/// # Errors
+/// [`EngineError::Model`] when the configuration is unusable, the cache cannot be allocated or the
+/// thread cannot start.
+pub fn spawn(
+    model: Box<dyn CausalLm>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+) -> Result<EngineHandle, EngineError> {
+    if config.max_num_seqs == 0
+        || config.max_model_len < 2
+        || config.max_num_batched_tokens == 0
+        || config.inbox_capacity == 0
+    {
+        return Err(EngineError::Model(format!(
+            "invalid engine config: max_num_seqs {}, max_model_len {}, max_num_batched_tokens {}, inbox_capacity {} (all must be > 0, max_model_len >= 2)",
+            config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens, config.inbox_capacity
+        )));
+    }
+    let model_info = model.info().clone();
+    let cache = kv_cache::KvCache::new(
+        &model_info,
+        config.max_num_seqs,
+        config.max_model_len,
+        &config.device,
+    )
+    .map_err(|e| EngineError::Model(format!("cannot allocate the KV cache: {e}")))?;
+    let stats = Arc::new(EngineStats::default());
+    stats.kv_tokens_total.store(
+        config.max_num_seqs * config.max_model_len,
+        Ordering::Relaxed,
+    );
+    let info = Arc::new(EngineInfo {
+        model_name: config.model_name.clone(),
+        max_model_len: config.max_model_len,
+        max_num_seqs: config.max_num_seqs,
+        vocab_size: model_info.vocab_size,
+        device: device_name(&config.device),
+    });
+    let mut eos_token_ids = tokenizer.eos_token_ids.clone();
+    for id in &model_info.eos_token_ids {
+        if !eos_token_ids.contains(id) {
+            eos_token_ids.push(*id);
+        }
+    }
+    let (commands, inbox) = mpsc::channel(config.inbox_capacity);
+    let scheduler_config = scheduler::SchedulerConfig {
+        max_num_seqs: config.max_num_seqs,
+        max_model_len: config.max_model_len,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+    };
+    let state = runner::EngineState {
+        model,
+        cache,
+        tokenizer: Arc::clone(&tokenizer),
+        scheduler: scheduler::Scheduler::new(scheduler_config),
+        scheduler_config,
+        sequences: HashMap::new(),
+        next_id: 0,
+        stats: Arc::clone(&stats),
+        inbox,
+        eos_token_ids,
+    };
+    tracing::info!(
+        model = %info.model_name,
+        device = %info.device,
+        max_num_seqs = info.max_num_seqs,
+        max_model_len = info.max_model_len,
+        "starting engine"
+    );
+    std::thread::Builder::new()
+        .name("wick-engine".into())
+        .spawn(move || state.run())
+        .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
+    Ok(EngineHandle::new(commands, info, stats, tokenizer))
 }

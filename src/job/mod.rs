@@ -1,1 +1,118 @@
-//! Job input schema, validation and output shaping (native worker-vllm and OpenAI shapes).
+//! Jobs: the ONE code path from a job `input` (RunPod queue, `--test-input`, the dev server's RunPod
+//! routes) or an OpenAI request body (dev server `/v1/*`) to generated output.
+//!
+//! Owned here: the input schema ([`input`]), validation with TGI-style messages ([`validate`]),
+//! expanding `n` into engine requests and consuming their events ([`stream`]), and output shaping in
+//! worker-vllm's native shape ([`output`]) and OpenAI's shapes ([`openai`]).
+//! Not here: HTTP status codes and framing (`queue`, `server`), the engine itself (`engine`).
+//!
+//! # What a job produces (worker-vllm "classic" compatible)
+//! worker-vllm's handler is an async generator and runs with `return_aggregate_stream: True`, so every
+//! job is a sequence of *yielded items*: each item is posted to job-stream as `{"output": item}`, and
+//! the final job-done body is `{"output": [item, ...]}` (all items, in order). [`run_job`] mirrors that:
+//! it sends each item on `chunks` as soon as it is ready and returns the list of them all.
+//!
+//! Native input (`prompt` / `messages`):
+//! - `stream: true`: items are `{"choices":[{"tokens":[text delta, ...]}, ...], "usage":{"input":N,
+//!   "output":M}}` with one choice per `n`, batched 1 → 3 → 9 → 27 → 50 tokens per item
+//!   (`min_batch_size`, `batch_size_growth_factor`, `max_batch_size`; defaults from the config). A
+//!   choice gains `"finish_reason"` (`"stop"`/`"length"`) in the item where it ends, and `"logprobs"`
+//!   (see [`output`]) when `sampling_params.logprobs` is set. `usage` is cumulative.
+//! - `stream: false`: one item with the whole text per choice: `{"choices":[{"tokens":["full text"],
+//!   "finish_reason":"length"}], "usage":{...}}`.
+//!
+//! OpenAI input (`openai_route` + `openai_input`):
+//! - `/v1/chat/completions`, `/v1/completions` without `stream`: one item, the OpenAI response object.
+//! - with `stream: true`: items are strings of SSE lines (`"data: {chunk}\n\n"` ...), batched like the
+//!   native stream, the last one ending with `"data: [DONE]\n\n"` (worker-vllm's default
+//!   `RAW_OPENAI_OUTPUT=1`); with [`JobContext::raw_openai_output`] off, items are lists of chunk
+//!   objects and `[DONE]` is dropped.
+//! - `/v1/models`: one item, the model list object.
+//!
+//! Errors end the job with a [`JobError`] (never an error object inside a COMPLETED output, unlike
+//! worker-vllm); the caller formats it ([`JobError::error_type`] + message).
+
+pub mod input;
+pub mod openai;
+pub mod output;
+pub mod stream;
+pub mod validate;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::error::JobError;
+
+pub use input::{JobInput, NativeInput, OpenAiRoute};
+pub use stream::StreamBatching;
+pub use validate::JobLimits;
+
+/// Everything a job needs besides its input. Cheap to clone (the engine handle is a channel sender).
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// The running engine (and through it, the tokenizer and `max_model_len`).
+    pub engine: EngineHandle,
+    /// Input limits.
+    pub limits: JobLimits,
+    /// Model name reported in OpenAI responses and `/v1/models`.
+    pub served_model_name: String,
+    /// Default stream chunking (per-job `max_batch_size` etc. override it).
+    pub stream_defaults: StreamBatching,
+    /// OpenAI streams through a queue job as strings of SSE lines (worker-vllm `RAW_OPENAI_OUTPUT=1`,
+    /// its default) instead of lists of chunk objects.
+    pub raw_openai_output: bool,
+    /// Longest a job may run, from start to last token.
+    pub request_timeout: Duration,
+}
+
+impl JobContext {
+    /// Builds a context from the worker configuration and a running engine.
+    pub fn new(engine: EngineHandle, config: &Config) -> JobContext {
+        let max_model_len = engine.info().max_model_len;
+        let served_model_name = config
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| engine.info().model_name.clone());
+        JobContext {
+            limits: JobLimits::from_config(config, max_model_len),
+            served_model_name,
+            stream_defaults: StreamBatching::from_config(config),
+            raw_openai_output: true,
+            request_timeout: Duration::from_secs(config.request_timeout_secs.max(1)),
+            engine,
+        }
+    }
+}
+
+/// Runs one job input to completion: validates it, generates, sends every yielded item on `chunks`
+/// in order (bounded; the caller drains it and posts each to job-stream), and returns the final job
+/// output: the list of all yielded items (`return_aggregate_stream`). See the module docs for shapes.
+///
+/// When `cancel` fires, the engine sequences are dropped (freeing their slots within one step) and
+/// the job ends with [`JobError::Cancelled`]; if the `chunks` receiver is dropped the job is cancelled
+/// the same way.
+///
+/// # Errors
+/// [`JobError::Validation`] for bad input (nothing reaches the engine), [`JobError::Overloaded`] when
+/// the engine inbox is full, [`JobError::NotFound`] for an unknown `openai_route` or model,
+/// [`JobError::Timeout`], [`JobError::Cancelled`], [`JobError::Engine`], [`JobError::Template`].
+pub async fn run_job(
+    ctx: &JobContext,
+    input: Value,
+    chunks: mpsc::Sender<Value>,
+    cancel: CancellationToken,
+) -> Result<Value, JobError> {
+    let job_input = JobInput::parse(input, &ctx.limits)?;
+    let mut items = Vec::new();
+    let mut sink = output::ItemSink { chunks: &chunks, items: &mut items };
+    match job_input {
+        JobInput::Native(native) => output::run_native(ctx, native, &mut sink, &cancel).await?,
+        JobInput::OpenAi { route, body } => openai::run_route_as_job(ctx, route, body, &mut sink, &cancel).await?,
+    }
+    Ok(Value::Array(items))
+}

@@ -63,3 +63,86 @@ pub trait CausalLm: Send {
     fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache)
         -> candle_core::Result<Tensor>;
 }
+
+pub mod config;
+pub mod gemma2;
+pub mod gguf;
+pub(crate) mod layers;
+pub mod llama;
+pub mod phi3;
+
+pub use config::{Architecture, ModelConfig, ModelError, RopeScaling};
+pub use gguf::GgufOptions;
+
+use candle_core::Device;
+
+use crate::hub::{ModelFiles, WeightFiles};
+
+/// Chooses the compute dtype: `requested` (`f32`, `f16`, `bf16`), or for `auto`/`None` f32 on CPU
+/// (candle has no fast bf16 CPU matmul) and bf16 on CUDA.
+///
+/// # Errors
+/// [`ModelError::UnknownDtype`] for any other string.
+pub fn dtype_for(device: &Device, requested: Option<&str>) -> Result<DType, ModelError> {
+    match requested.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("auto") => Ok(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }),
+        Some("f32" | "float32") => Ok(DType::F32),
+        Some("f16" | "float16") => Ok(DType::F16),
+        Some("bf16" | "bfloat16") => Ok(DType::BF16),
+        Some(other) => Err(ModelError::UnknownDtype(other.to_string())),
+    }
+}
+
+/// Loads a model with default options (see [`load_with`]).
+///
+/// # Errors
+/// As [`load_with`].
+pub fn load(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn CausalLm>, ModelError> {
+    load_with(files, device, dtype, &GgufOptions::for_device(device))
+}
+
+/// Loads a model: safetensors (single or sharded, memory-mapped, converted to `dtype`) with the
+/// architecture from `config.json`, or a GGUF file (llama and qwen2 families; computes in f32 whatever
+/// `dtype` says, since quantized matmuls take f32 activations).
+///
+/// # Errors
+/// Missing config, unsupported architecture, unreadable or mis-shaped weights.
+pub fn load_with(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+    gguf_options: &GgufOptions,
+) -> Result<Box<dyn CausalLm>, ModelError> {
+    match &files.weights {
+        WeightFiles::Gguf(path) => Ok(Box::new(gguf::load_gguf(path, device, gguf_options)?)),
+        WeightFiles::Safetensors(paths) => {
+            let config_path = files.config.as_ref().ok_or(ModelError::MissingConfig)?;
+            let cfg = ModelConfig::from_file(config_path)?;
+            if paths.is_empty() {
+                return Err(ModelError::InvalidConfig(
+                    "no safetensors files given".into(),
+                ));
+            }
+            // SAFETY: the files are memory-mapped read-only; wick never writes them, and the hub
+            // layer hands over complete, verified files.
+            let vb =
+                unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(paths, dtype, device)? };
+            let model: Box<dyn CausalLm> = match cfg.architecture {
+                Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                    Box::new(llama::Llama::new(&cfg, vb)?)
+                }
+                Architecture::Phi3 => Box::new(phi3::Phi3::new(&cfg, vb)?),
+                Architecture::Gemma2 => Box::new(gemma2::Gemma2::new(&cfg, vb)?),
+            };
+            Ok(model)
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! Building blocks shared by every architecture: projections (dense or quantized), rotary embeddings
+//! with per-token positions, the per-forward [`BatchPlan`], and attention over the engine's slot
+//! [`KvCache`].
+//!
+//! Shapes: all tokens of a forward pass are concatenated, so activations are `(tokens, hidden)`; every
+//! linear layer runs once over all of them. Attention is the only per-sequence part: decode batches
+//! (every sequence one new token) run as one batched matmul over the gathered slots, prefill chunks
+//! run one sequence at a time.
+//!
+//! Parts forked from candle-transformers 0.11.1 (`models/llama.rs`, `models/quantized_llama.rs`,
+//! MIT/Apache-2.0): the rotary frequency tables (including the Llama 3 scaling) and the GQA attention
+//! math. Changed: positions per token instead of one offset, an external slot cache instead of
+//! `Tensor::cat` caches, GQA by grouping query heads instead of repeating K/V, masks per sequence.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+
+use crate::engine::kv_cache::KvCache;
+use crate::models::config::{ModelConfig, RopeScaling};
+use crate::models::{ForwardBatch, SeqChunk};
+
+/// A linear projection `y = x W^T (+ b)`: dense weights or a GGUF quantized matrix.
+#[derive(Debug, Clone)]
+pub(crate) enum Proj {
+    /// Dense weights in the compute dtype.
+    Dense(candle_nn::Linear),
+    /// Quantized weights; input and output f32.
+    Quantized {
+        /// The quantized `(out, in)` matrix.
+        weight: QMatMul,
+        /// Optional `(out,)` bias, f32.
+        bias: Option<Tensor>,
+    },
+}
+
+impl Proj {
+    /// Loads a dense projection `prefix.weight` (and `prefix.bias` when `bias`) of shape `(out, in)`.
+    pub(crate) fn dense(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: candle_nn::VarBuilder,
+    ) -> Result<Self> {
+        let linear = if bias {
+            candle_nn::linear(in_dim, out_dim, vb)?
+        } else {
+            candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+        };
+        Ok(Self::Dense(linear))
+    }
+
+    /// `(tokens, in)` -> `(tokens, out)`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(linear) => linear.forward(xs),
+            Self::Quantized { weight, bias } => {
+                let ys = weight.forward(xs)?;
+                match bias {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
+                }
+            }
+        }
+    }
+}
+
+/// `tanh(x / cap) * cap` (Gemma2 logit soft-capping).
+pub(crate) fn softcap(xs: &Tensor, cap: f64) -> Result<Tensor> {
+    (xs / cap)?.tanh()? * cap
+}
+
+/// Precomputed rotary tables, `(max_pos, rotary_dim / 2)` each, in the compute dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    /// Phi-3 longrope: the tables used by a sequence once it is past `original` positions.
+    long: Option<(Tensor, Tensor, usize)>,
+    /// Rotated dimensions of each head (the rest pass through).
+    rotary_dim: usize,
+    /// GGUF llama layouts rotate interleaved pairs (`rope_i`); Hugging Face layouts rotate halves.
+    interleaved: bool,
+}
+
+/// The rotary tables selected for the tokens of one forward pass: `(tokens, 1, rotary_dim / 2)`.
+#[derive(Debug, Clone)]
+pub(crate) struct RotaryForPass {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn freq_table(
+    inv_freq: &[f32],
+    max_pos: usize,
+    scale: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let inv = Tensor::from_slice(inv_freq, (1, half), device)?;
+    let t = Tensor::arange(0u32, max_pos as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_pos, 1))?;
+    let freqs = t.matmul(&inv)?;
+    let cos = (freqs.cos()? * scale)?.to_dtype(dtype)?;
+    let sin = (freqs.sin()? * scale)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+impl Rotary {
+    /// Builds tables for `max_pos` positions from the config's theta and scaling.
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        max_pos: usize,
+        interleaved: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rotary_dim = cfg.rotary_dim();
+        Self::with_params(
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            rotary_dim,
+            max_pos,
+            interleaved,
+            dtype,
+            device,
+        )
+    }
+
+    /// Builds tables from explicit parameters (GGUF has no `config.json`).
+    pub(crate) fn with_params(
+        theta: f64,
+        scaling: &RopeScaling,
+        rotary_dim: usize,
+        max_pos: usize,
+        interleaved: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            bail!("rotary dimension must be even and positive, got {rotary_dim}")
+        }
+        let base: Vec<f64> = (0..rotary_dim)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f64 / rotary_dim as f64))
+            .collect();
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        let (cos, sin, long) = match scaling {
+            RopeScaling::Default => {
+                let (c, s) = freq_table(&to_f32(base), max_pos, 1.0, dtype, device)?;
+                (c, s, None)
+            }
+            RopeScaling::Linear { factor } => {
+                let (c, s) = freq_table(
+                    &to_f32(base.iter().map(|f| f / factor).collect()),
+                    max_pos,
+                    1.0,
+                    dtype,
+                    device,
+                )?;
+                (c, s, None)
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let original = *original_max_position_embeddings as f64;
+                let low_freq_wavelen = original / low_freq_factor;
+                let high_freq_wavelen = original / high_freq_factor;
+                let scaled = base
+                    .iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_freq_wavelen {
+                            freq
+                        } else if wavelen > low_freq_wavelen {
+                            freq / factor
+                        } else {
+                            let smooth = (original / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    })
+                    .collect();
+                let (c, s) = freq_table(&to_f32(scaled), max_pos, 1.0, dtype, device)?;
+                (c, s, None)
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let apply = |factors: &[f64]| -> Vec<f64> {
+                    base.iter().zip(factors).map(|(f, e)| f / e).collect()
+                };
+                let (c, s) = freq_table(
+                    &to_f32(apply(short_factor)),
+                    max_pos,
+                    *attention_factor,
+                    dtype,
+                    device,
+                )?;
+                // Equal factors (e.g. GGUF `rope_freqs`) need no second table.
+                let long = if long_factor == short_factor {
+                    None
+                } else {
+                    let (lc, ls) = freq_table(
+                        &to_f32(apply(long_factor)),
+                        max_pos,
+                        *attention_factor,
+                        dtype,
+                        device,
+                    )?;
+                    Some((lc, ls, *original_max_position_embeddings))
+                };
+                (c, s, long)
+            }
+        };
+        Ok(Self {
+            cos,
+            sin,
+            long,
+            rotary_dim,
+            interleaved,
+        })
+    }
+
+    /// Number of positions the tables cover.
+    pub(crate) fn max_positions(&self) -> Result<usize> {
+        self.cos.dim(0)
+    }
+
+    /// Selects the rows for every token of the pass. With longrope, a sequence whose chunk ends past
+    /// the original context uses the long factors for the whole chunk (as transformers does for the
+    /// sequence length it sees).
+    pub(crate) fn for_pass(&self, plan: &BatchPlan) -> Result<RotaryForPass> {
+        let half = self.rotary_dim / 2;
+        let (cos, sin) = match &self.long {
+            Some((long_cos, long_sin, original)) => {
+                let mut cos_parts = Vec::with_capacity(plan.seqs.len());
+                let mut sin_parts = Vec::with_capacity(plan.seqs.len());
+                for (i, seq) in plan.seqs.iter().enumerate() {
+                    let (c, s) = if seq.start_pos + seq.len > *original {
+                        (long_cos, long_sin)
+                    } else {
+                        (&self.cos, &self.sin)
+                    };
+                    let pos = plan.positions.narrow(0, plan.offsets[i], seq.len)?;
+                    cos_parts.push(c.index_select(&pos, 0)?);
+                    sin_parts.push(s.index_select(&pos, 0)?);
+                }
+                (Tensor::cat(&cos_parts, 0)?, Tensor::cat(&sin_parts, 0)?)
+            }
+            None => (
+                self.cos.index_select(&plan.positions, 0)?,
+                self.sin.index_select(&plan.positions, 0)?,
+            ),
+        };
+        let tokens = plan.total_tokens;
+        Ok(RotaryForPass {
+            cos: cos.reshape((tokens, 1, half))?,
+            sin: sin.reshape((tokens, 1, half))?,
+        })
+    }
+
+    /// Rotates `(tokens, heads, head_dim)` by each token's position.
+    pub(crate) fn apply(&self, xs: &Tensor, pass: &RotaryForPass) -> Result<Tensor> {
+        let (tokens, heads, head_dim) = xs.dims3()?;
+        // rope takes (b, h, t, d) with cos (b, t, d/2): each token is its own "batch" row here.
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.reshape((tokens, heads, 1, self.rotary_dim))?;
+            let y = if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&x, &pass.cos, &pass.sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&x, &pass.cos, &pass.sin)?
+            };
+            y.reshape((tokens, heads, self.rotary_dim))
+        };
+        if self.rotary_dim == head_dim {
+            rotate(&xs.contiguous()?)
+        } else {
+            let rot = xs.narrow(D::Minus1, 0, self.rotary_dim)?.contiguous()?;
+            let pass_through = xs.narrow(D::Minus1, self.rotary_dim, head_dim - self.rotary_dim)?;
+            Tensor::cat(&[rotate(&rot)?, pass_through], D::Minus1)
+        }
+    }
+}
+
+/// Everything derived once per forward pass from the [`ForwardBatch`].
+#[derive(Debug)]
+pub(crate) struct BatchPlan<'a> {
+    /// The sequences, in batch order.
+    pub(crate) seqs: &'a [SeqChunk],
+    /// Offset of each sequence's first token in the concatenated tokens.
+    pub(crate) offsets: Vec<usize>,
+    /// Sum of all chunk lengths.
+    pub(crate) total_tokens: usize,
+    /// `(tokens,)` u32 position of every token.
+    pub(crate) positions: Tensor,
+    /// `(tokens,)` u32 token ids.
+    pub(crate) token_ids: Tensor,
+    /// `(n_seqs,)` u32 index of each sequence's last token.
+    pub(crate) last_token_index: Tensor,
+    /// Every chunk is one token: the batched decode path applies.
+    pub(crate) all_decode: bool,
+}
+
+impl<'a> BatchPlan<'a> {
+    /// Validates the batch against the cache and builds the index tensors.
+    pub(crate) fn new(
+        batch: &ForwardBatch<'a>,
+        cache: &KvCache,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if batch.seqs.is_empty() {
+            bail!("forward pass with no sequences")
+        }
+        let mut offsets = Vec::with_capacity(batch.seqs.len());
+        let mut positions = Vec::with_capacity(batch.token_ids.len());
+        let mut last = Vec::with_capacity(batch.seqs.len());
+        let mut slots_seen = vec![false; cache.num_slots()];
+        let mut total = 0usize;
+        for seq in batch.seqs {
+            if seq.len == 0 {
+                bail!("sequence in slot {} has an empty chunk", seq.slot)
+            }
+            if seq.slot >= cache.num_slots() {
+                bail!(
+                    "slot {} out of range ({} slots)",
+                    seq.slot,
+                    cache.num_slots()
+                )
+            }
+            if std::mem::replace(&mut slots_seen[seq.slot], true) {
+                bail!("slot {} appears twice in one forward pass", seq.slot)
+            }
+            let end = seq.start_pos + seq.len;
+            if end > cache.max_ctx() || end > max_positions {
+                bail!(
+                    "positions {}..{end} of slot {} exceed the context ({} cache, {} rotary)",
+                    seq.start_pos,
+                    seq.slot,
+                    cache.max_ctx(),
+                    max_positions
+                )
+            }
+            offsets.push(total);
+            positions.extend((seq.start_pos..end).map(|p| p as u32));
+            total += seq.len;
+            last.push((total - 1) as u32);
+        }
+        if total != batch.token_ids.len() {
+            bail!(
+                "batch has {} token ids for chunks totalling {total}",
+                batch.token_ids.len()
+            )
+        }
+        Ok(Self {
+            seqs: batch.seqs,
+            offsets,
+            total_tokens: total,
+            positions: Tensor::from_vec(positions, total, device)?,
+            token_ids: Tensor::from_slice(batch.token_ids, total, device)?,
+            last_token_index: Tensor::from_vec(last, batch.seqs.len(), device)?,
+            all_decode: batch.seqs.iter().all(|s| s.len == 1),
+        })
+    }
+}
+
+/// Per-layer attention parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnSpec {
+    /// Query heads.
+    pub(crate) num_heads: usize,
+    /// Key/value heads; query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
+    pub(crate) num_kv_heads: usize,
+    /// Size of one head.
+    pub(crate) head_dim: usize,
+    /// Multiplier of `q k^T`.
+    pub(crate) scale: f64,
+    /// Gemma2 attention-logit soft-capping.
+    pub(crate) softcap: Option<f64>,
+    /// Keys more than `window - 1` positions behind the query are masked.
+    pub(crate) sliding_window: Option<usize>,
+}
+
+/// Additive mask `(rows, kv_len)`: row `r` is a query at `query_pos[r]` that may see key `j` when
+/// `j <= query_pos[r]` and (with a window) `query_pos[r] - j < window`.
+fn mask_rows(
+    query_pos: &[usize],
+    kv_len: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(query_pos.len() * kv_len);
+    for &q in query_pos {
+        let lowest = match window {
+            Some(w) => (q + 1).saturating_sub(w),
+            None => 0,
+        };
+        mask.extend((0..kv_len).map(|j| {
+            if j > q || j < lowest {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        }));
+    }
+    Tensor::from_vec(mask, (query_pos.len(), kv_len), device)?.to_dtype(dtype)
+}
+
+/// Scaled dot-product scores with optional soft-capping, masking and softmax; returns weights.
+fn attention_weights(
+    q: &Tensor,
+    k: &Tensor,
+    spec: &AttnSpec,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut scores = (q.matmul(&k.t()?)? * spec.scale)?;
+    if let Some(cap) = spec.softcap {
+        scores = softcap(&scores, cap)?;
+    }
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// Writes the new K/V of every sequence into `cache` (layer `layer`) and attends.
+///
+/// `q` is `(tokens, num_heads, head_dim)`, `k` and `v` are `(tokens, num_kv_heads, head_dim)`, already
+/// rotated. Returns `(tokens, num_heads * head_dim)`.
+pub(crate) fn attend(
+    plan: &BatchPlan,
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let n_rep = spec.num_heads / spec.num_kv_heads;
+    let (kvh, hd) = (spec.num_kv_heads, spec.head_dim);
+    for (seq, &offset) in plan.seqs.iter().zip(&plan.offsets) {
+        // (len, kv_heads, head_dim) -> (kv_heads, len, head_dim)
+        let k_new = k
+            .narrow(0, offset, seq.len)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let v_new = v
+            .narrow(0, offset, seq.len)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        cache.write(layer, seq.slot, seq.start_pos, &k_new, &v_new)?;
+    }
+    let (k_cache, v_cache) = cache.layer(layer)?;
+    let device = q.device();
+
+    if plan.all_decode {
+        let batch = plan.seqs.len();
+        let kv_lens: Vec<usize> = plan.seqs.iter().map(|s| s.start_pos + 1).collect();
+        let max_len = kv_lens.iter().copied().max().unwrap_or(1);
+        // Slots in ascending consecutive order can be read as one strided view without a copy.
+        let consecutive = plan.seqs.windows(2).all(|w| w[1].slot == w[0].slot + 1);
+        let (keys, values) = if consecutive {
+            let first = plan.seqs[0].slot;
+            (
+                k_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
+                v_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
+            )
+        } else {
+            let gather = |cache: &Tensor| -> Result<Tensor> {
+                let parts = plan
+                    .seqs
+                    .iter()
+                    .map(|s| cache.narrow(0, s.slot, 1)?.narrow(2, 0, max_len))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
+            };
+            (gather(k_cache)?, gather(v_cache)?)
+        };
+        let needs_mask = spec.sliding_window.is_some_and(|w| w < max_len)
+            || kv_lens.iter().any(|&l| l != max_len);
+        let mask = if needs_mask {
+            let query_pos: Vec<usize> = kv_lens.iter().map(|l| l - 1).collect();
+            Some(
+                mask_rows(&query_pos, max_len, spec.sliding_window, q.dtype(), device)?
+                    .reshape((batch, 1, 1, max_len))?,
+            )
+        } else {
+            None
+        };
+        // (B, heads, hd) -> (B, kv_heads, n_rep, hd): the query heads sharing a kv head form the rows.
+        let q = q.reshape((batch, kvh, n_rep, hd))?;
+        let weights = attention_weights(&q, &keys, spec, mask.as_ref())?; // (B, kv_heads, n_rep, L)
+        let out = weights.matmul(&values)?; // (B, kv_heads, n_rep, hd)
+        return out.reshape((batch, spec.num_heads * hd));
+    }
+
+    let mut outputs = Vec::with_capacity(plan.seqs.len());
+    for (seq, &offset) in plan.seqs.iter().zip(&plan.offsets) {
+        let len = seq.len;
+        let kv_len = seq.start_pos + len;
+        let keys = k_cache
+            .narrow(0, seq.slot, 1)?
+            .narrow(2, 0, kv_len)?
+            .squeeze(0)?; // (kv_heads, L, hd)
+        let values = v_cache
+            .narrow(0, seq.slot, 1)?
+            .narrow(2, 0, kv_len)?
+            .squeeze(0)?;
+        // (len, heads, hd) -> (kv_heads, n_rep, len, hd) -> (kv_heads, n_rep * len, hd)
+        let q_seq = q
+            .narrow(0, offset, len)?
+            .reshape((len, kvh, n_rep, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((kvh, n_rep * len, hd))?;
+        let needs_mask = len > 1 || spec.sliding_window.is_some_and(|w| w < kv_len);
+        let mask = if needs_mask {
+            let query_pos: Vec<usize> = (seq.start_pos..kv_len).collect();
+            let m = mask_rows(&query_pos, kv_len, spec.sliding_window, q.dtype(), device)?;
+            // (len, L) repeated for each of the n_rep head rows: (n_rep * len, L)
+            Some(
+                m.unsqueeze(0)?
+                    .repeat((n_rep, 1, 1))?
+                    .reshape((n_rep * len, kv_len))?,
+            )
+        } else {
+            None
+        };
+        let weights = attention_weights(&q_seq, &keys, spec, mask.as_ref())?; // (kv_heads, n_rep*len, L)
+        let out = weights
+            .matmul(&values)? // (kv_heads, n_rep * len, hd)
+            .reshape((kvh, n_rep, len, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((len, spec.num_heads * hd))?;
+        outputs.push(out);
+    }
+    Tensor::cat(&outputs, 0)
+}
