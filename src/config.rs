@@ -294,3 +294,65 @@ mod tests {
         Config::for_test().validate().unwrap();
     }
 }
+
+/// The RunPod platform environment (runpod-python 1.12.0 names and defaults). Its presence decides the
+/// mode: with [`RunpodEnv::get_job_url`] set, `wick` runs as a queue worker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunpodEnv {
+    /// `RUNPOD_WEBHOOK_GET_JOB`: job-take URL template (`$ID` = worker id).
+    pub get_job_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_POST_OUTPUT`: job-done URL template (`$ID` = job id, `$RUNPOD_POD_ID` = worker id).
+    pub post_output_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_POST_STREAM` (fallback `RUNPOD_WEBHOOK_JOB_STREAM`): job-stream URL template.
+    pub post_stream_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_PING`: heartbeat URL template (`$RUNPOD_POD_ID` = worker id).
+    pub ping_url: Option<String>,
+    /// `RUNPOD_PING_INTERVAL`: heartbeat period in milliseconds (default 10000).
+    pub ping_interval_ms: u64,
+    /// `RUNPOD_AI_API_KEY`: sent raw in `Authorization`.
+    pub api_key: Option<Secret>,
+    /// `RUNPOD_POD_ID`: the worker id (URLs, error reports).
+    pub pod_id: Option<String>,
+    /// `RUNPOD_POD_HOSTNAME`: `hostname` in error reports.
+    pub pod_hostname: Option<String>,
+    /// `RUNPOD_ENDPOINT_ID`: when set, logs are JSON lines.
+    pub endpoint_id: Option<String>,
+    /// `RUNPOD_LOG_LEVEL` (fallback `RUNPOD_DEBUG_LEVEL`).
+    pub log_level: Option<String>,
+}
+
+/// Default heartbeat period of the RunPod SDK, in milliseconds.
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 10_000;
+
+impl RunpodEnv {
+    /// Reads the RunPod variables from the process environment. Empty values count as unset; an
+    /// unparsable `RUNPOD_PING_INTERVAL` falls back to the default (and is reported by the caller via
+    /// [`RunpodEnv::ping_interval_raw`]).
+    pub fn from_env() -> Self {
+        RunpodEnv {
+            get_job_url: env_var("RUNPOD_WEBHOOK_GET_JOB"),
+            post_output_url: env_var("RUNPOD_WEBHOOK_POST_OUTPUT"),
+            post_stream_url: env_var("RUNPOD_WEBHOOK_POST_STREAM")
+                .or_else(|| env_var("RUNPOD_WEBHOOK_JOB_STREAM")),
+            ping_url: env_var("RUNPOD_WEBHOOK_PING").filter(|u| u != "PING_NOT_SET"),
+            ping_interval_ms: Self::ping_interval_raw()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(DEFAULT_PING_INTERVAL_MS),
+            api_key: secret_from_env("RUNPOD_AI_API_KEY"),
+            pod_id: env_var("RUNPOD_POD_ID"),
+            pod_hostname: env_var("RUNPOD_POD_HOSTNAME"),
+            endpoint_id: env_var("RUNPOD_ENDPOINT_ID"),
+            log_level: env_var("RUNPOD_LOG_LEVEL").or_else(|| env_var("RUNPOD_DEBUG_LEVEL")),
+        }
+    }
+
+    /// The raw `RUNPOD_PING_INTERVAL` value, for a startup warning when it does not parse.
+    pub fn ping_interval_raw() -> Option<String> {
+        env_var("RUNPOD_PING_INTERVAL")
+    }
+
+    /// Whether a queue is configured (`RUNPOD_WEBHOOK_GET_JOB` set): production mode.
+    pub fn queue_configured(&self) -> bool {
+        self.get_job_url.is_some()
+    }
+}
