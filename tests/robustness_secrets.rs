@@ -201,7 +201,8 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-const VALID_JOB: &str = r#"{"input":{"prompt":"hello","sampling_params":{"max_tokens":2,"temperature":0}}}"#;
+const VALID_JOB: &str =
+    r#"{"input":{"prompt":"hello","sampling_params":{"max_tokens":2,"temperature":0}}}"#;
 
 #[test]
 fn bad_model_path_failure_does_not_leak_secrets() {
@@ -228,7 +229,12 @@ fn unreachable_hub_endpoint_failure_does_not_leak_secrets() {
     let dir = tempdir();
     let endpoint = format!("http://127.0.0.1:{}", closed_port());
     let run = run_wick(
-        &["--model", "wick-test/no-such-repo", "--test-input", VALID_JOB],
+        &[
+            "--model",
+            "wick-test/no-such-repo",
+            "--test-input",
+            VALID_JOB,
+        ],
         &[("HF_ENDPOINT", endpoint)],
         dir.path(),
         &|| false,
@@ -271,7 +277,10 @@ fn malformed_runpod_url_failure_does_not_leak_secrets() {
         &["--model", model.to_str().unwrap()],
         &[
             ("RUNPOD_WEBHOOK_GET_JOB", "::not a url::/$ID".to_string()),
-            ("RUNPOD_WEBHOOK_POST_OUTPUT", "::not a url::/$ID".to_string()),
+            (
+                "RUNPOD_WEBHOOK_POST_OUTPUT",
+                "::not a url::/$ID".to_string(),
+            ),
             ("RUNPOD_POD_ID", "canary-test-worker".to_string()),
         ],
         dir.path(),
@@ -333,7 +342,8 @@ fn invalid_test_input_failure_does_not_leak_secrets() {
     let dir = tempdir();
     let model = fixture("tiny-llama");
     // Invalid on several counts; the error names fields and values, never the environment.
-    let job = r#"{"input":{"prompt":"hello","sampling_params":{"top_p":7,"max_tokens":-1,"n":1000000}}}"#;
+    let job =
+        r#"{"input":{"prompt":"hello","sampling_params":{"top_p":7,"max_tokens":-1,"n":1000000}}}"#;
     let run = run_wick(
         &["--model", model.to_str().unwrap(), "--test-input", job],
         &[],
@@ -352,8 +362,8 @@ fn invalid_test_input_failure_does_not_leak_secrets() {
 
 #[test]
 fn debug_output_of_secret_holders_is_redacted() {
-    use wick::config::{Cli, RunpodEnv, Secret};
     use clap::Parser;
+    use wick::config::{Cli, RunpodEnv, Secret};
 
     let secret = Secret::new(HF_CANARY);
     assert_eq!(secret.expose(), HF_CANARY, "the canary is really inside");
@@ -373,7 +383,10 @@ fn debug_output_of_secret_holders_is_redacted() {
         format!("{:?}", Some(&secret)),
     ];
     for text in &rendered {
-        assert!(!text.contains(NEEDLE), "Debug/Display leaked a secret: {text}");
+        assert!(
+            !text.contains(NEEDLE),
+            "Debug/Display leaked a secret: {text}"
+        );
     }
     // The redacted form still says a secret is present (useful in logs).
     assert!(format!("{runpod:?}").contains("redacted"));
