@@ -12,12 +12,17 @@
 //! math. Changed: positions per token instead of one offset, an external slot cache instead of
 //! `Tensor::cat` caches, GQA by grouping query heads instead of repeating K/V, masks per sequence.
 
+use std::cell::RefCell;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::{ForwardBatch, SeqChunk};
+
+/// Up to this many rows, dense CPU projections compute `(W x^T)^T` (see [`Proj::forward`]).
+const SMALL_BATCH_ROWS: usize = 128;
 
 /// A linear projection `y = x W^T (+ b)`: dense weights or a GGUF quantized matrix.
 #[derive(Debug, Clone)]
@@ -26,10 +31,13 @@ pub(crate) enum Proj {
     Dense(candle_nn::Linear),
     /// Quantized weights; input and output f32.
     Quantized {
-        /// The quantized `(out, in)` matrix.
+        /// The quantized `(out, in + in_padding)` matrix.
         weight: QMatMul,
         /// Optional `(out,)` bias, f32.
         bias: Option<Tensor>,
+        /// Zero columns appended to the weight rows (so candle's repacked CPU kernels apply); the
+        /// input gets as many zero columns.
+        in_padding: usize,
     },
 }
 
@@ -52,9 +60,31 @@ impl Proj {
     /// `(tokens, in)` -> `(tokens, out)`.
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(linear) => linear.forward(xs),
-            Self::Quantized { weight, bias } => {
-                let ys = weight.forward(xs)?;
+            Self::Dense(linear) => {
+                let rows = xs.dim(0)?;
+                if xs.rank() == 2 && xs.device().is_cpu() && (2..=SMALL_BATCH_ROWS).contains(&rows)
+                {
+                    // gemm on CPU is several times faster for a few rows as `W x^T` than as
+                    // `x W^T` (measured: 1.1x to 4x for 2 to 128 rows, 576..5632-wide weights, 1 and 2 threads).
+                    let ys = linear.weight().matmul(&xs.t()?)?.t()?.contiguous()?;
+                    match linear.bias() {
+                        Some(b) => ys.broadcast_add(b),
+                        None => Ok(ys),
+                    }
+                } else {
+                    linear.forward(xs)
+                }
+            }
+            Self::Quantized {
+                weight,
+                bias,
+                in_padding,
+            } => {
+                let ys = if *in_padding > 0 {
+                    weight.forward(&xs.pad_with_zeros(D::Minus1, 0, *in_padding)?)?
+                } else {
+                    weight.forward(xs)?
+                };
                 match bias {
                     Some(b) => ys.broadcast_add(b),
                     None => Ok(ys),
@@ -290,6 +320,9 @@ impl Rotary {
     }
 }
 
+/// Identifies a mask within one pass: (sequence index, or `usize::MAX` for the decode batch; window).
+type MaskKey = (usize, Option<usize>);
+
 /// Everything derived once per forward pass from the [`ForwardBatch`].
 #[derive(Debug)]
 pub(crate) struct BatchPlan<'a> {
@@ -307,6 +340,9 @@ pub(crate) struct BatchPlan<'a> {
     pub(crate) last_token_index: Tensor,
     /// Every chunk is one token: the batched decode path applies.
     pub(crate) all_decode: bool,
+    /// Masks already built in this pass, keyed by (sequence index or `usize::MAX` for the decode
+    /// batch, window): layers with the same window reuse them.
+    masks: RefCell<Vec<(MaskKey, Tensor)>>,
 }
 
 impl<'a> BatchPlan<'a> {
@@ -368,7 +404,22 @@ impl<'a> BatchPlan<'a> {
             token_ids: Tensor::from_slice(batch.token_ids, total, device)?,
             last_token_index: Tensor::from_vec(last, batch.seqs.len(), device)?,
             all_decode: batch.seqs.iter().all(|s| s.len == 1),
+            masks: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Returns the cached mask for `key`, building it with `build` the first time.
+    fn mask(
+        &self,
+        key: (usize, Option<usize>),
+        build: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let Some((_, mask)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(mask.clone());
+        }
+        let mask = build()?;
+        self.masks.borrow_mut().push((key, mask.clone()));
+        Ok(mask)
     }
 }
 
@@ -488,11 +539,11 @@ pub(crate) fn attend(
         let needs_mask = spec.sliding_window.is_some_and(|w| w < max_len)
             || kv_lens.iter().any(|&l| l != max_len);
         let mask = if needs_mask {
-            let query_pos: Vec<usize> = kv_lens.iter().map(|l| l - 1).collect();
-            Some(
+            Some(plan.mask((usize::MAX, spec.sliding_window), || {
+                let query_pos: Vec<usize> = kv_lens.iter().map(|l| l - 1).collect();
                 mask_rows(&query_pos, max_len, spec.sliding_window, q.dtype(), device)?
-                    .reshape((batch, 1, 1, max_len))?,
-            )
+                    .reshape((batch, 1, 1, max_len))
+            })?)
         } else {
             None
         };
@@ -504,7 +555,7 @@ pub(crate) fn attend(
     }
 
     let mut outputs = Vec::with_capacity(plan.seqs.len());
-    for (seq, &offset) in plan.seqs.iter().zip(&plan.offsets) {
+    for (index, (seq, &offset)) in plan.seqs.iter().zip(&plan.offsets).enumerate() {
         let len = seq.len;
         let kv_len = seq.start_pos + len;
         let keys = k_cache
@@ -524,14 +575,14 @@ pub(crate) fn attend(
             .reshape((kvh, n_rep * len, hd))?;
         let needs_mask = len > 1 || spec.sliding_window.is_some_and(|w| w < kv_len);
         let mask = if needs_mask {
-            let query_pos: Vec<usize> = (seq.start_pos..kv_len).collect();
-            let m = mask_rows(&query_pos, kv_len, spec.sliding_window, q.dtype(), device)?;
-            // (len, L) repeated for each of the n_rep head rows: (n_rep * len, L)
-            Some(
+            Some(plan.mask((index, spec.sliding_window), || {
+                let query_pos: Vec<usize> = (seq.start_pos..kv_len).collect();
+                let m = mask_rows(&query_pos, kv_len, spec.sliding_window, q.dtype(), device)?;
+                // (len, L) repeated for each of the n_rep head rows: (n_rep * len, L)
                 m.unsqueeze(0)?
                     .repeat((n_rep, 1, 1))?
-                    .reshape((n_rep * len, kv_len))?,
-            )
+                    .reshape((n_rep * len, kv_len))
+            })?)
         } else {
             None
         };
@@ -545,4 +596,83 @@ pub(crate) fn attend(
         outputs.push(out);
     }
     Tensor::cat(&outputs, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_rows_are_causal_and_windowed() {
+        let m = mask_rows(&[1, 4], 5, None, DType::F32, &Device::Cpu).unwrap();
+        let m = m.to_vec2::<f32>().unwrap();
+        assert_eq!(
+            m[0],
+            [
+                0.0,
+                0.0,
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY
+            ]
+        );
+        assert_eq!(m[1], [0.0; 5]);
+        let w = mask_rows(&[4], 5, Some(2), DType::F32, &Device::Cpu).unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(w.to_vec2::<f32>().unwrap()[0], [inf, inf, inf, 0.0, 0.0]);
+    }
+
+    fn inv_freq(rotary: &Rotary) -> Vec<f32> {
+        // Row 1 of the tables is (cos(f), sin(f)) for each frequency f.
+        let cos = rotary.cos.get(1).unwrap().to_vec1::<f32>().unwrap();
+        let sin = rotary.sin.get(1).unwrap().to_vec1::<f32>().unwrap();
+        cos.iter().zip(&sin).map(|(c, s)| s.atan2(*c)).collect()
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let dev = &Device::Cpu;
+        let plain = Rotary::with_params(
+            500_000.0,
+            &RopeScaling::Default,
+            64,
+            4,
+            false,
+            DType::F32,
+            dev,
+        )
+        .unwrap();
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let scaled =
+            Rotary::with_params(500_000.0, &scaling, 64, 4, false, DType::F32, dev).unwrap();
+        let (plain, scaled) = (inv_freq(&plain), inv_freq(&scaled));
+        // Wavelength 2*pi/f below 8192/4 = 2048: unchanged; above 8192: divided by 8.
+        assert!((plain[0] - scaled[0]).abs() < 1e-6);
+        let last = plain.len() - 1;
+        assert!(2.0 * std::f32::consts::PI / plain[last] > 8192.0);
+        assert!((plain[last] / 8.0 - scaled[last]).abs() < 1e-9);
+    }
+
+    #[test]
+    fn longrope_divides_by_factors_and_scales_by_attention_factor() {
+        let dev = &Device::Cpu;
+        let scaling = RopeScaling::LongRope {
+            short_factor: vec![1.0, 2.0],
+            long_factor: vec![4.0, 4.0],
+            original_max_position_embeddings: 2,
+            attention_factor: 1.5,
+        };
+        let rotary = Rotary::with_params(10_000.0, &scaling, 4, 8, false, DType::F32, dev).unwrap();
+        let cos0 = rotary.cos.get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(cos0, [1.5, 1.5]);
+        let freqs: Vec<f32> = inv_freq(&rotary);
+        assert!((freqs[0] - 1.0).abs() < 1e-6);
+        assert!((freqs[1] - 0.01 / 2.0).abs() < 1e-6);
+        assert!(rotary.long.is_some());
+    }
 }
