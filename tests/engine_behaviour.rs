@@ -135,7 +135,24 @@ async fn full_cache_queues_requests_instead_of_failing() {
         assert_eq!(out.token_ids, case.output_ids[..8], "{}", case.name);
     }
     wait_idle(&engine).await;
-    assert_eq!(engine.stats().running, 0);
+    let stats = engine.stats();
+    assert_eq!(stats.running, 0);
+    assert_eq!(stats.kv_tokens_used, 0);
+    assert_eq!(stats.kv_tokens_total, 2 * 512);
+    let prompt_tokens: usize = cases.iter().map(|c| c.prompt_ids.len()).sum();
+    assert_eq!(stats.prompt_tokens_total, prompt_tokens as u64);
+    assert_eq!(stats.generated_tokens_total, 5 * 8);
+    assert!(stats.steps_total >= 8);
+}
+
+#[tokio::test]
+async fn warm_up_runs_one_short_generation() {
+    let engine = TestEngine::default().start(FAMILY);
+    wick::engine::warm_up(&engine).await.unwrap();
+    wait_idle(&engine).await;
+    assert_eq!(engine.stats().generated_tokens_total, 2);
+    assert_eq!(engine.info().max_num_seqs, 8);
+    assert_eq!(engine.info().device, "cpu");
 }
 
 #[tokio::test]

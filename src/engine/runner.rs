@@ -227,10 +227,23 @@ impl EngineState {
             seqs: &chunks,
         };
         // (n_seqs, vocab) f32, copied to the host once per pass.
-        let rows = self
-            .model
-            .forward(&batch, &mut self.cache)
-            .and_then(|logits| logits.to_vec2::<f32>());
+        // A panic in model code must not take the engine thread (and every stream) down with it.
+        let (model, cache) = (&self.model, &mut self.cache);
+        let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model
+                .forward(&batch, cache)
+                .and_then(|logits| logits.to_vec2::<f32>())
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(candle_core::Error::Msg(format!(
+                "panic in the forward pass: {what}"
+            )))
+        });
         let mut rows = match rows {
             Ok(rows) if rows.len() == items.len() => rows,
             Ok(rows) => {
