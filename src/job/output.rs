@@ -36,7 +36,11 @@ impl ItemSink<'_> {
     ///
     /// # Errors
     /// [`JobError::Cancelled`] when `cancel` fires or the receiver is gone.
-    pub(crate) async fn emit(&mut self, item: Value, cancel: &CancellationToken) -> Result<(), JobError> {
+    pub(crate) async fn emit(
+        &mut self,
+        item: Value,
+        cancel: &CancellationToken,
+    ) -> Result<(), JobError> {
         self.items.push(item.clone());
         tokio::select! {
             biased;
@@ -99,12 +103,17 @@ pub(crate) async fn prepare_prompt(
         PromptSource::Text(text) => {
             validate::check_prompt_text("prompt", text, &ctx.limits)?;
             let text = text.clone();
-            tokio::task::spawn_blocking(move || tokenizer.encode(&text, true).map_err(tokenizer_error))
+            tokio::task::spawn_blocking(move || {
+                tokenizer.encode(&text, true).map_err(tokenizer_error)
+            })
         }
         PromptSource::Chat(messages) => {
             let messages = validate::normalize_messages(messages, &ctx.limits)?;
             tokio::task::spawn_blocking(move || {
-                let template = tokenizer.chat_template.as_ref().ok_or_else(|| tokenizer_error(TokenizerError::NoChatTemplate))?;
+                let template = tokenizer
+                    .chat_template
+                    .as_ref()
+                    .ok_or_else(|| tokenizer_error(TokenizerError::NoChatTemplate))?;
                 let rendered = template
                     .render_with(&crate::tokenizer::chat_template::RenderContext {
                         messages: &messages,
@@ -119,7 +128,9 @@ pub(crate) async fn prepare_prompt(
             })
         }
     };
-    let mut ids = job.await.map_err(|e| JobError::Tokenizer(format!("tokenizer task failed: {e}")))??;
+    let mut ids = job
+        .await
+        .map_err(|e| JobError::Tokenizer(format!("tokenizer task failed: {e}")))??;
     if let Some(keep) = truncate {
         if ids.len() > keep {
             ids.drain(..ids.len() - keep);
@@ -139,10 +150,14 @@ pub(crate) fn tokenizer_error(err: TokenizerError) -> JobError {
 
 /// One token's logprob entry in the native shape.
 fn native_logprob(token: &GeneratedToken) -> Value {
-    let entry = |t: &TokenLogprob| json!({"token": t.token, "token_id": t.token_id, "logprob": t.logprob});
+    let entry =
+        |t: &TokenLogprob| json!({"token": t.token, "token_id": t.token_id, "logprob": t.logprob});
     let mut value = entry(&token.chosen);
     if let Value::Object(map) = &mut value {
-        map.insert("top_logprobs".into(), Value::Array(token.top.iter().map(entry).collect()));
+        map.insert(
+            "top_logprobs".into(),
+            Value::Array(token.top.iter().map(entry).collect()),
+        );
     }
     value
 }
@@ -153,7 +168,10 @@ pub(crate) fn check_summary(summary: &SeqSummary) -> Result<(), JobError> {
         FinishReason::Stop | FinishReason::Length => Ok(()),
         FinishReason::Cancelled => Err(JobError::Cancelled),
         FinishReason::Error => Err(JobError::Engine(
-            summary.error.clone().unwrap_or_else(|| "the sequence failed".into()),
+            summary
+                .error
+                .clone()
+                .unwrap_or_else(|| "the sequence failed".into()),
         )),
     }
 }
@@ -176,7 +194,10 @@ impl NativeChoice {
             map.insert("finish_reason".into(), json!(reason.to_string()));
         }
         if with_logprobs {
-            map.insert("logprobs".into(), Value::Array(std::mem::take(&mut self.logprobs)));
+            map.insert(
+                "logprobs".into(),
+                Value::Array(std::mem::take(&mut self.logprobs)),
+            );
         }
         Value::Object(map)
     }
@@ -184,20 +205,30 @@ impl NativeChoice {
 
 fn native_item(choices: &mut [NativeChoice], prompt_tokens: usize, with_logprobs: bool) -> Value {
     let output: usize = choices.iter().map(|c| c.generated).sum();
-    let choices: Vec<Value> = choices.iter_mut().map(|c| c.take_json(with_logprobs)).collect();
+    let choices: Vec<Value> = choices
+        .iter_mut()
+        .map(|c| c.take_json(with_logprobs))
+        .collect();
     json!({"choices": choices, "usage": {"input": prompt_tokens, "output": output}})
 }
 
 /// Runs a native job (`prompt` / `messages`) and yields its items.
 pub(crate) async fn run_native(
     ctx: &JobContext,
+    request_id: &str,
     input: NativeInput,
     sink: &mut ItemSink<'_>,
     cancel: &CancellationToken,
 ) -> Result<(), JobError> {
-    let resolved = input.sampling.resolve(&ctx.limits, ctx.engine.info().vocab_size)?;
-    let options = ChatOptions { add_generation_prompt: true, ..ChatOptions::default() };
-    let prompt_ids = prepare_prompt(ctx, &input.prompt, options, resolved.truncate_prompt_tokens).await?;
+    let resolved = input
+        .sampling
+        .resolve(&ctx.limits, ctx.engine.info().vocab_size)?;
+    let options = ChatOptions {
+        add_generation_prompt: true,
+        ..ChatOptions::default()
+    };
+    let prompt_ids =
+        prepare_prompt(ctx, &input.prompt, options, resolved.truncate_prompt_tokens).await?;
     let mut params = resolved.params;
     params.max_tokens = fit_max_tokens(
         input.sampling.max_tokens,
@@ -208,22 +239,37 @@ pub(crate) async fn run_native(
     )?;
     let with_logprobs = params.logprobs.is_some();
     let prompt_tokens = prompt_ids.len();
+    tracing::debug!(
+        prompt_tokens,
+        n = resolved.n,
+        max_tokens = params.max_tokens,
+        stream = input.stream,
+        "native job validated"
+    );
     let specs = expand_n(&prompt_ids, &params, resolved.n);
-    let mut generation = Generation::start(&ctx.engine, &new_request_id("job-"), specs, ctx.request_timeout)?;
-    let batching = ctx
-        .stream_defaults
-        .with_overrides(input.max_batch_size, input.min_batch_size, input.batch_size_growth_factor);
+    let mut generation = Generation::start(&ctx.engine, request_id, specs, ctx.request_timeout)?;
+    let batching = ctx.stream_defaults.with_overrides(
+        input.max_batch_size,
+        input.min_batch_size,
+        input.batch_size_growth_factor,
+    );
     let mut batch_size = BatchSize::new(batching);
     let mut batch_count = 0usize;
     let mut pending_finish = false;
     let mut choices: Vec<NativeChoice> = (0..resolved.n).map(|_| NativeChoice::default()).collect();
     if !input.stream {
-        choices.iter_mut().for_each(|c| c.tokens.push(String::new()));
+        choices
+            .iter_mut()
+            .for_each(|c| c.tokens.push(String::new()));
     }
     while let Some((index, event)) = generation.next(cancel).await? {
         let choice = &mut choices[index];
         match event {
-            SeqEvent::Delta { text, token_ids, logprobs } => {
+            SeqEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => {
                 choice.generated += token_ids.len();
                 if with_logprobs {
                     choice.logprobs.extend(logprobs.iter().map(native_logprob));
@@ -272,21 +318,39 @@ mod tests {
     #[test]
     fn native_item_carries_usage_finish_reason_and_resets() {
         let mut choices = vec![
-            NativeChoice { tokens: vec!["a".into(), "b".into()], generated: 2, finish_reason: Some(FinishReason::Length), ..Default::default() },
-            NativeChoice { tokens: vec!["c".into()], generated: 1, ..Default::default() },
+            NativeChoice {
+                tokens: vec!["a".into(), "b".into()],
+                generated: 2,
+                finish_reason: Some(FinishReason::Length),
+                ..Default::default()
+            },
+            NativeChoice {
+                tokens: vec!["c".into()],
+                generated: 1,
+                ..Default::default()
+            },
         ];
         let item = native_item(&mut choices, 5, false);
         assert_eq!(
             item,
             json!({"choices": [{"tokens": ["a", "b"], "finish_reason": "length"}, {"tokens": ["c"]}], "usage": {"input": 5, "output": 3}})
         );
-        assert!(choices.iter().all(|c| c.tokens.is_empty() && c.finish_reason.is_none()));
+        assert!(choices
+            .iter()
+            .all(|c| c.tokens.is_empty() && c.finish_reason.is_none()));
     }
 
     #[test]
     fn native_logprob_lists_chosen_and_top() {
-        let t = |id, lp| TokenLogprob { token_id: id, token: format!("t{id}"), logprob: lp };
-        let entry = native_logprob(&GeneratedToken { chosen: t(3, -0.5), top: vec![t(3, -0.5), t(4, -1.0)] });
+        let t = |id, lp| TokenLogprob {
+            token_id: id,
+            token: format!("t{id}"),
+            logprob: lp,
+        };
+        let entry = native_logprob(&GeneratedToken {
+            chosen: t(3, -0.5),
+            top: vec![t(3, -0.5), t(4, -1.0)],
+        });
         assert_eq!(
             entry,
             json!({"token": "t3", "token_id": 3, "logprob": -0.5, "top_logprobs": [
