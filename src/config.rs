@@ -170,6 +170,49 @@ pub struct Config {
     /// worker-vllm's name for the model name in OpenAI responses; wins over SERVED_MODEL_NAME there.
     #[arg(long, env = "OPENAI_SERVED_MODEL_NAME_OVERRIDE")]
     pub openai_served_model_name_override: Option<String>,
+    /// Hugging Face Hub settings from the `HF_*` environment variables (no flags; see [`HubEnv`]).
+    #[arg(skip = HubEnv::from_env())]
+    pub hub_env: HubEnv,
+}
+
+/// Hugging Face Hub settings, read from the environment under the names Python's `huggingface_hub`
+/// uses, so a cache and endpoint shared with Python tools behave the same. `HF_TOKEN` is not here: it
+/// is a [`Secret`] (see [`secret_from_env`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubEnv {
+    /// `HF_ENDPOINT`: the Hub base URL (default `https://huggingface.co`).
+    pub endpoint: Option<String>,
+    /// `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`): the cache directory itself.
+    pub hub_cache: Option<PathBuf>,
+    /// `HF_HOME`: the cache is `$HF_HOME/hub`.
+    pub hf_home: Option<PathBuf>,
+    /// `XDG_CACHE_HOME`: the cache is `$XDG_CACHE_HOME/huggingface/hub` when nothing above is set.
+    pub xdg_cache_home: Option<PathBuf>,
+    /// `HOME`: the last fallback, `~/.cache/huggingface/hub`.
+    pub home: Option<PathBuf>,
+    /// `HF_HUB_OFFLINE` (`1`, `true`, `yes`, `on`): resolve from the cache only, never the network.
+    pub offline: bool,
+}
+
+impl HubEnv {
+    /// Reads the variables above from the process environment (empty values count as unset).
+    pub fn from_env() -> Self {
+        HubEnv {
+            endpoint: env_var("HF_ENDPOINT"),
+            hub_cache: env_var("HF_HUB_CACHE")
+                .or_else(|| env_var("HUGGINGFACE_HUB_CACHE"))
+                .map(PathBuf::from),
+            hf_home: env_var("HF_HOME").map(PathBuf::from),
+            xdg_cache_home: env_var("XDG_CACHE_HOME").map(PathBuf::from),
+            home: env_var("HOME").map(PathBuf::from),
+            offline: env_var("HF_HUB_OFFLINE").is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            }),
+        }
+    }
 }
 
 /// A configuration that cannot work; the message names the flag.
