@@ -108,9 +108,15 @@ mod tests {
         let policy = RetryPolicy::RESULT;
         let mut jitter = Jitter::from_seed(7);
         for attempt in 1..=20 {
-            let ceiling = policy.base.saturating_mul(1 << (attempt - 1).min(30)).min(policy.cap);
+            let ceiling = policy
+                .base
+                .saturating_mul(1 << (attempt - 1).min(30))
+                .min(policy.cap);
             let d = policy.delay(attempt, &mut jitter);
-            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?} vs {ceiling:?}");
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "attempt {attempt}: {d:?} vs {ceiling:?}"
+            );
         }
         assert!(policy.delay(1, &mut jitter) <= Duration::from_millis(500));
         assert!(policy.delay(12, &mut jitter) >= Duration::from_secs(15));

@@ -84,7 +84,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { poll: Duration::from_secs(90), post: Duration::from_secs(30), connect: Duration::from_secs(10) }
+        Timeouts {
+            poll: Duration::from_secs(90),
+            post: Duration::from_secs(30),
+            connect: Duration::from_secs(10),
+        }
     }
 }
 
@@ -111,15 +115,20 @@ pub fn user_agent() -> String {
 ///
 /// # Errors
 /// [`QueueError::Client`] when the TLS backend cannot be set up or the key is not a valid header.
-pub fn build_http(api_key: Option<&Secret>, connect_timeout: Duration) -> Result<reqwest::Client, QueueError> {
+pub fn build_http(
+    api_key: Option<&Secret>,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, QueueError> {
     let mut headers = HeaderMap::new();
     if let Some(key) = api_key {
-        let mut value = HeaderValue::from_str(key.expose())
-            .map_err(|_| QueueError::Client("RUNPOD_AI_API_KEY is not a valid header value".into()))?;
+        let mut value = HeaderValue::from_str(key.expose()).map_err(|_| {
+            QueueError::Client("RUNPOD_AI_API_KEY is not a valid header value".into())
+        })?;
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
     }
-    let agent = HeaderValue::from_str(&user_agent()).map_err(|e| QueueError::Client(e.to_string()))?;
+    let agent =
+        HeaderValue::from_str(&user_agent()).map_err(|e| QueueError::Client(e.to_string()))?;
     headers.insert(USER_AGENT, agent);
     reqwest::Client::builder()
         .default_headers(headers)
@@ -134,8 +143,16 @@ impl PlatformClient {
     ///
     /// # Errors
     /// See [`build_http`].
-    pub fn new(endpoints: Endpoints, api_key: Option<&Secret>, timeouts: Timeouts) -> Result<Self, QueueError> {
-        Ok(PlatformClient { http: build_http(api_key, timeouts.connect)?, endpoints, timeouts })
+    pub fn new(
+        endpoints: Endpoints,
+        api_key: Option<&Secret>,
+        timeouts: Timeouts,
+    ) -> Result<Self, QueueError> {
+        Ok(PlatformClient {
+            http: build_http(api_key, timeouts.connect)?,
+            endpoints,
+            timeouts,
+        })
     }
 
     /// The endpoints this client talks to.
@@ -148,7 +165,12 @@ impl PlatformClient {
     ///
     /// # Errors
     /// [`QueueError`] for transport failures, 429, other statuses, and oversize answers.
-    pub async fn take(&self, free_slots: usize, job_in_progress: bool, max_body: usize) -> Result<TakeBatch, QueueError> {
+    pub async fn take(
+        &self,
+        free_slots: usize,
+        job_in_progress: bool,
+        max_body: usize,
+    ) -> Result<TakeBatch, QueueError> {
         let url = self.endpoints.take_url(free_slots, job_in_progress);
         let response = self
             .http
@@ -196,7 +218,13 @@ impl PlatformClient {
     }
 
     /// Posts a final result to job-done (`isStream` as given), retrying per `policy`.
-    pub async fn post_done(&self, job_id: &str, body: &str, is_stream: bool, policy: RetryPolicy) -> PostOutcome {
+    pub async fn post_done(
+        &self,
+        job_id: &str,
+        body: &str,
+        is_stream: bool,
+        policy: RetryPolicy,
+    ) -> PostOutcome {
         let url = self.endpoints.done_url(job_id, is_stream);
         self.post_with_retry(&url, job_id, body, policy).await
     }
@@ -207,24 +235,41 @@ impl PlatformClient {
         self.post_with_retry(&url, job_id, body, policy).await
     }
 
-    async fn post_with_retry(&self, url: &str, job_id: &str, body: &str, policy: RetryPolicy) -> PostOutcome {
+    async fn post_with_retry(
+        &self,
+        url: &str,
+        job_id: &str,
+        body: &str,
+        policy: RetryPolicy,
+    ) -> PostOutcome {
         let started = Instant::now();
         let mut jitter = Jitter::new();
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let last_error = match self.post_once(url, job_id, body).await {
-                Ok(status) if status.is_success() => return PostOutcome::Delivered { attempts: attempt },
+                Ok(status) if status.is_success() => {
+                    return PostOutcome::Delivered { attempts: attempt }
+                }
                 Ok(status) if status == StatusCode::NOT_FOUND || status == StatusCode::GONE => {
-                    return PostOutcome::Gone { status: status.as_u16() }
+                    return PostOutcome::Gone {
+                        status: status.as_u16(),
+                    }
                 }
                 Ok(status) if is_retryable_status(status) => format!("status {}", status.as_u16()),
-                Ok(status) => return PostOutcome::Rejected { status: status.as_u16() },
+                Ok(status) => {
+                    return PostOutcome::Rejected {
+                        status: status.as_u16(),
+                    }
+                }
                 Err(error) => error,
             };
             let wait = policy.delay(attempt, &mut jitter);
             if attempt >= policy.max_attempts || started.elapsed() + wait > policy.max_elapsed {
-                return PostOutcome::Exhausted { attempts: attempt, last_error };
+                return PostOutcome::Exhausted {
+                    attempts: attempt,
+                    last_error,
+                };
             }
             debug!(job_id, attempt, error = %last_error, wait_ms = wait.as_millis() as u64, "post failed; retrying");
             tokio::time::sleep(wait).await;
@@ -248,23 +293,34 @@ impl PlatformClient {
             .await
             .map_err(|e| describe(&e))?;
         let status = response.status();
-        read_capped(response, MAX_POST_ANSWER_BYTES).await.map_err(|e| e.to_string())?;
+        read_capped(response, MAX_POST_ANSWER_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(status)
     }
 }
 
 /// Statuses worth retrying: 408, 429 and every 5xx.
 pub fn is_retryable_status(status: StatusCode) -> bool {
-    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
 }
 
 /// Reads a response body, failing once it exceeds `limit` bytes.
 async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, QueueError> {
-    if response.content_length().is_some_and(|len| len > limit as u64) {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
         return Err(QueueError::TooLarge { limit });
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| QueueError::Transport(describe(&e)))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| QueueError::Transport(describe(&e)))?
+    {
         if body.len() + chunk.len() > limit {
             return Err(QueueError::TooLarge { limit });
         }
@@ -275,7 +331,16 @@ async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Ve
 
 /// A job id made safe for a header value (control characters replaced).
 fn sanitize_header(value: &str) -> String {
-    value.chars().map(|c| if c.is_control() || !c.is_ascii() { '_' } else { c }).collect()
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() || !c.is_ascii() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// A one-line description of a reqwest error without the URL (URLs may carry query secrets).
@@ -290,7 +355,10 @@ fn describe(error: &reqwest::Error) -> String {
         "request"
     };
     let mut text = match error.url() {
-        Some(url) => format!("{kind}: {}", error.to_string().replace(url.as_str(), "<url>")),
+        Some(url) => format!(
+            "{kind}: {}",
+            error.to_string().replace(url.as_str(), "<url>")
+        ),
         None => format!("{kind}: {error}"),
     };
     let mut source = std::error::Error::source(error);
@@ -306,9 +374,16 @@ fn describe(error: &reqwest::Error) -> String {
 pub(crate) fn log_undelivered(job_id: &str, what: &str, outcome: &PostOutcome) {
     match outcome {
         PostOutcome::Delivered { .. } => {}
-        PostOutcome::Gone { status } => warn!(job_id, status, "{what}: platform no longer knows the job"),
-        PostOutcome::Rejected { status } => warn!(job_id, status, "{what}: refused by the platform"),
-        PostOutcome::Exhausted { attempts, last_error } => {
+        PostOutcome::Gone { status } => {
+            warn!(job_id, status, "{what}: platform no longer knows the job")
+        }
+        PostOutcome::Rejected { status } => {
+            warn!(job_id, status, "{what}: refused by the platform")
+        }
+        PostOutcome::Exhausted {
+            attempts,
+            last_error,
+        } => {
             warn!(job_id, attempts, error = %last_error, "{what}: retries exhausted")
         }
     }

@@ -67,3 +67,15 @@ pub trait JobRunner: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> impl Future<Output = Result<Value, JobError>> + Send;
 }
+
+/// The production runner: a job through `job::run_job` on the shared engine.
+impl JobRunner for crate::job::JobContext {
+    async fn run(
+        &self,
+        job: JobSpec,
+        chunks: mpsc::Sender<Value>,
+        cancel: CancellationToken,
+    ) -> Result<Value, JobError> {
+        crate::job::run_job(self, job.input, chunks, cancel).await
+    }
+}

@@ -81,12 +81,18 @@ impl TestInputSource {
         let text = match self {
             TestInputSource::Inline(text) => text.clone(),
             TestInputSource::File(path) => {
-                let read_error = |source| TestInputError::Read { path: path.clone(), source };
+                let read_error = |source| TestInputError::Read {
+                    path: path.clone(),
+                    source,
+                };
                 let size = std::fs::metadata(path).map_err(read_error)?.len();
                 if size > MAX_TEST_INPUT_BYTES {
                     return Err(TestInputError::TooLarge { path: path.clone() });
                 }
-                std::fs::read_to_string(path).map_err(|source| TestInputError::Read { path: path.clone(), source })?
+                std::fs::read_to_string(path).map_err(|source| TestInputError::Read {
+                    path: path.clone(),
+                    source,
+                })?
             }
         };
         parse_test_job(&text)
@@ -98,7 +104,8 @@ impl TestInputSource {
 /// # Errors
 /// [`TestInputError::Json`] or [`TestInputError::NoInput`].
 pub fn parse_test_job(text: &str) -> Result<JobSpec, TestInputError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| TestInputError::Json(e.to_string()))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| TestInputError::Json(e.to_string()))?;
     let Value::Object(mut fields) = value else {
         return Err(TestInputError::NoInput);
     };
@@ -111,7 +118,12 @@ pub fn parse_test_job(text: &str) -> Result<JobSpec, TestInputError> {
 }
 
 /// Runs one job and returns the job-done body it would post (result or error report).
-pub async fn run_one<R: JobRunner>(runner: &R, job: JobSpec, identity: &WorkerIdentity, cancel: CancellationToken) -> Value {
+pub async fn run_one<R: JobRunner>(
+    runner: &R,
+    job: JobSpec,
+    identity: &WorkerIdentity,
+    cancel: CancellationToken,
+) -> Value {
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Value>(64);
     let run = runner.run(job, chunk_tx, cancel);
     // Chunks are drained so the runner never blocks; the final output already aggregates them.
@@ -126,7 +138,12 @@ pub async fn run_one<R: JobRunner>(runner: &R, job: JobSpec, identity: &WorkerId
     tracing::debug!(chunks, "one-shot job finished");
     match result {
         Ok(output) => wire::result_body(output),
-        Err(error) => wire::error_body(error.error_type(), &error.to_string(), error.is_retryable(), identity),
+        Err(error) => wire::error_body(
+            error.error_type(),
+            &error.to_string(),
+            error.is_retryable(),
+            identity,
+        ),
     }
 }
 
@@ -141,17 +158,32 @@ mod tests {
 
     #[test]
     fn inline_json_and_paths_are_told_apart() {
-        assert!(matches!(TestInputSource::from_arg(" {\"input\":{}}"), TestInputSource::Inline(_)));
-        assert!(matches!(TestInputSource::from_arg("job.json"), TestInputSource::File(_)));
+        assert!(matches!(
+            TestInputSource::from_arg(" {\"input\":{}}"),
+            TestInputSource::Inline(_)
+        ));
+        assert!(matches!(
+            TestInputSource::from_arg("job.json"),
+            TestInputSource::File(_)
+        ));
     }
 
     #[test]
     fn test_job_needs_input_and_defaults_id() {
         let job = parse_test_job(r#"{"input": {"prompt": "hi"}}"#).unwrap();
         assert_eq!(job.id, LOCAL_TEST_ID);
-        assert_eq!(parse_test_job(r#"{"id": "x", "input": 1}"#).unwrap().id, "x");
-        assert!(matches!(parse_test_job(r#"{"prompt": "hi"}"#), Err(TestInputError::NoInput)));
-        assert!(matches!(parse_test_job("nope"), Err(TestInputError::Json(_))));
+        assert_eq!(
+            parse_test_job(r#"{"id": "x", "input": 1}"#).unwrap().id,
+            "x"
+        );
+        assert!(matches!(
+            parse_test_job(r#"{"prompt": "hi"}"#),
+            Err(TestInputError::NoInput)
+        ));
+        assert!(matches!(
+            parse_test_job("nope"),
+            Err(TestInputError::Json(_))
+        ));
     }
 
     #[test]

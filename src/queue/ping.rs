@@ -40,17 +40,25 @@ impl Heartbeat {
         let stop = CancellationToken::new();
         let thread_stop = stop.clone();
         let interval = interval.max(MIN_PING_INTERVAL);
-        let thread = std::thread::Builder::new().name("wick-heartbeat".into()).spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    warn!(%error, "heartbeat runtime could not start; no pings will be sent");
-                    return;
-                }
-            };
-            runtime.block_on(ping_loop(endpoints, api_key, interval, jobs, thread_stop));
-        })?;
-        Ok(Heartbeat { stop, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("wick-heartbeat".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        warn!(%error, "heartbeat runtime could not start; no pings will be sent");
+                        return;
+                    }
+                };
+                runtime.block_on(ping_loop(endpoints, api_key, interval, jobs, thread_stop));
+            })?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the heartbeat and waits for its thread (it wakes from its sleep at once; an in-flight
@@ -118,7 +126,13 @@ async fn send_ping(http: &reqwest::Client, url: &str, timeout: Duration, jitter:
                 return;
             }
             Ok(response) => format!("status {}", response.status().as_u16()),
-            Err(error) => if error.is_timeout() { "timeout".to_string() } else { "transport error".to_string() },
+            Err(error) => {
+                if error.is_timeout() {
+                    "timeout".to_string()
+                } else {
+                    "transport error".to_string()
+                }
+            }
         };
         if attempt == policy.max_attempts {
             warn!(attempts = attempt, %error, "ping failed");

@@ -34,7 +34,9 @@ impl JobTable {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         // A panic while holding this lock cannot leave the map half-updated (single inserts and
         // removes), so a poisoned lock is still consistent.
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a job; `None` when the id is already in flight (a duplicate delivery).
@@ -44,7 +46,14 @@ impl JobTable {
             return None;
         }
         let cancel = CancellationToken::new();
-        jobs.insert(id.to_owned(), Entry { cancel: cancel.clone(), stopped: false, taken_at: Instant::now() });
+        jobs.insert(
+            id.to_owned(),
+            Entry {
+                cancel: cancel.clone(),
+                stopped: false,
+                taken_at: Instant::now(),
+            },
+        );
         Some(cancel)
     }
 
@@ -88,7 +97,10 @@ impl JobTable {
 
     /// Seconds the oldest job has been running (for logs).
     pub fn oldest_age_secs(&self) -> Option<u64> {
-        self.lock().values().map(|e| e.taken_at.elapsed().as_secs()).max()
+        self.lock()
+            .values()
+            .map(|e| e.taken_at.elapsed().as_secs())
+            .max()
     }
 }
 

@@ -28,7 +28,9 @@ impl Endpoints {
     /// Substitutes the worker id into the templates (done once at start, as the SDK does).
     pub fn new(take: &str, done: &str, stream: &str, ping: Option<&str>, worker_id: &str) -> Self {
         Endpoints {
-            take: take.replace("$RUNPOD_POD_ID", worker_id).replace("$ID", worker_id),
+            take: take
+                .replace("$RUNPOD_POD_ID", worker_id)
+                .replace("$ID", worker_id),
             done: done.replace("$RUNPOD_POD_ID", worker_id),
             stream: stream.replace("$RUNPOD_POD_ID", worker_id),
             ping: ping.map(|p| p.replace("$RUNPOD_POD_ID", worker_id)),
@@ -39,18 +41,28 @@ impl Endpoints {
     /// always `job_in_progress=0|1`.
     pub fn take_url(&self, free_slots: usize, job_in_progress: bool) -> String {
         let mut url = if free_slots > 1 {
-            with_query(&self.take.replace(TAKE_SEGMENT, TAKE_BATCH_SEGMENT), "batch_size", &free_slots.to_string())
+            with_query(
+                &self.take.replace(TAKE_SEGMENT, TAKE_BATCH_SEGMENT),
+                "batch_size",
+                &free_slots.to_string(),
+            )
         } else {
             self.take.clone()
         };
-        url = with_query(&url, "job_in_progress", if job_in_progress { "1" } else { "0" });
+        url = with_query(
+            &url,
+            "job_in_progress",
+            if job_in_progress { "1" } else { "0" },
+        );
         url
     }
 
     /// The job-stop URL (same query as job-take, no `job_in_progress`); `None` when the take
     /// template has no `/job-take/` segment (the SDK disables the stop channel then).
     pub fn stop_url(&self) -> Option<String> {
-        self.take.contains(TAKE_SEGMENT).then(|| self.take.replace(TAKE_SEGMENT, STOP_SEGMENT))
+        self.take
+            .contains(TAKE_SEGMENT)
+            .then(|| self.take.replace(TAKE_SEGMENT, STOP_SEGMENT))
     }
 
     /// The job-done URL for one job: `isStream=true` for the final post after streaming.
@@ -73,7 +85,11 @@ impl Endpoints {
         if !job_ids.is_empty() {
             url = with_query(&url, "job_id", &encode_component(&job_ids.join(",")));
         }
-        Some(with_query(&url, "runpod_version", &encode_component(runpod_version)))
+        Some(with_query(
+            &url,
+            "runpod_version",
+            &encode_component(runpod_version),
+        ))
     }
 
     /// Whether a heartbeat URL is configured.
@@ -118,7 +134,10 @@ mod tests {
     #[test]
     fn take_url_substitutes_worker_id_and_flags_in_progress() {
         let e = endpoints();
-        assert_eq!(e.take_url(1, false), "https://api.example/v2/ep/job-take/w42?gpu=NVIDIA+H200&job_in_progress=0");
+        assert_eq!(
+            e.take_url(1, false),
+            "https://api.example/v2/ep/job-take/w42?gpu=NVIDIA+H200&job_in_progress=0"
+        );
         assert_eq!(
             e.take_url(3, true),
             "https://api.example/v2/ep/job-take-batch/w42?gpu=NVIDIA+H200&batch_size=3&job_in_progress=1"
@@ -127,8 +146,17 @@ mod tests {
 
     #[test]
     fn take_template_also_accepts_runpod_pod_id_placeholder() {
-        let e = Endpoints::new("http://h/v2/ep/job-take/$RUNPOD_POD_ID", "http://h/d/$ID", "http://h/s/$ID", None, "w1");
-        assert_eq!(e.take_url(1, false), "http://h/v2/ep/job-take/w1?job_in_progress=0");
+        let e = Endpoints::new(
+            "http://h/v2/ep/job-take/$RUNPOD_POD_ID",
+            "http://h/d/$ID",
+            "http://h/s/$ID",
+            None,
+            "w1",
+        );
+        assert_eq!(
+            e.take_url(1, false),
+            "http://h/v2/ep/job-take/w1?job_in_progress=0"
+        );
     }
 
     #[test]
@@ -146,20 +174,40 @@ mod tests {
 
     #[test]
     fn question_mark_used_when_template_has_no_query() {
-        let e = Endpoints::new("http://h/job-take/$ID", "http://h/job-done/$RUNPOD_POD_ID/$ID", "http://h/s/$ID", None, "w");
-        assert_eq!(e.done_url("j", false), "http://h/job-done/w/j?isStream=false");
+        let e = Endpoints::new(
+            "http://h/job-take/$ID",
+            "http://h/job-done/$RUNPOD_POD_ID/$ID",
+            "http://h/s/$ID",
+            None,
+            "w",
+        );
+        assert_eq!(
+            e.done_url("j", false),
+            "http://h/job-done/w/j?isStream=false"
+        );
     }
 
     #[test]
     fn odd_job_ids_are_percent_encoded() {
         let e = endpoints();
-        assert!(e.done_url("a/b?c", false).contains("/job-done/w42/a%2Fb%3Fc?gpu="));
+        assert!(e
+            .done_url("a/b?c", false)
+            .contains("/job-done/w42/a%2Fb%3Fc?gpu="));
     }
 
     #[test]
     fn stop_url_swaps_segment_and_is_absent_without_job_take() {
-        assert_eq!(endpoints().stop_url().as_deref(), Some("https://api.example/v2/ep/job-stop/w42?gpu=NVIDIA+H200"));
-        let e = Endpoints::new("http://h/take/$ID", "http://h/d/$ID", "http://h/s/$ID", None, "w");
+        assert_eq!(
+            endpoints().stop_url().as_deref(),
+            Some("https://api.example/v2/ep/job-stop/w42?gpu=NVIDIA+H200")
+        );
+        let e = Endpoints::new(
+            "http://h/take/$ID",
+            "http://h/d/$ID",
+            "http://h/s/$ID",
+            None,
+            "w",
+        );
         assert_eq!(e.stop_url(), None);
     }
 

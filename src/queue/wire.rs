@@ -39,7 +39,10 @@ pub fn parse_take_body(body: &[u8]) -> TakeBatch {
         return batch;
     }
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        batch.malformed.push(MalformedJob { id: None, reason: "job-take body is not JSON".into() });
+        batch.malformed.push(MalformedJob {
+            id: None,
+            reason: "job-take body is not JSON".into(),
+        });
         return batch;
     };
     match value {
@@ -51,7 +54,10 @@ pub fn parse_take_body(body: &[u8]) -> TakeBatch {
         Value::Object(_) => push_job(&mut batch, value),
         other => batch.malformed.push(MalformedJob {
             id: None,
-            reason: format!("job-take body is a JSON {}, not an object or array", json_kind(&other)),
+            reason: format!(
+                "job-take body is a JSON {}, not an object or array",
+                json_kind(&other)
+            ),
         }),
     }
     batch
@@ -59,7 +65,10 @@ pub fn parse_take_body(body: &[u8]) -> TakeBatch {
 
 fn push_job(batch: &mut TakeBatch, item: Value) {
     let Value::Object(mut fields) = item else {
-        batch.malformed.push(MalformedJob { id: None, reason: format!("job is a JSON {}", json_kind(&item)) });
+        batch.malformed.push(MalformedJob {
+            id: None,
+            reason: format!("job is a JSON {}", json_kind(&item)),
+        });
         return;
     };
     let id = match fields.remove("id") {
@@ -69,9 +78,10 @@ fn push_job(batch: &mut TakeBatch, item: Value) {
     };
     match (id, fields.remove("input")) {
         (Some(id), Some(input)) => batch.jobs.push(TakenJob { id, input }),
-        (id, _) => batch
-            .malformed
-            .push(MalformedJob { id, reason: "Job has missing field(s): id or input.".into() }),
+        (id, _) => batch.malformed.push(MalformedJob {
+            id,
+            reason: "Job has missing field(s): id or input.".into(),
+        }),
     }
 }
 
@@ -81,7 +91,10 @@ pub fn parse_stop_body(body: &[u8]) -> Vec<String> {
         return Vec::new();
     };
     match fields.get("jobsToStop") {
-        Some(Value::Array(ids)) => ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -129,14 +142,22 @@ pub struct WorkerIdentity {
 
 impl Default for WorkerIdentity {
     fn default() -> Self {
-        WorkerIdentity { worker_id: "unknown".into(), hostname: "unknown".into() }
+        WorkerIdentity {
+            worker_id: "unknown".into(),
+            hostname: "unknown".into(),
+        }
     }
 }
 
 /// The job-done body for a failed job: `{"error": "<JSON text>"}` whose JSON carries `error_type`,
 /// `error_message`, `hostname`, `worker_id`, `retryable` and `runpod_version` (spec §5.2; our
 /// `error_type` is a stable snake_case name rather than a Python class repr).
-pub fn error_body(error_type: &str, message: &str, retryable: bool, identity: &WorkerIdentity) -> Value {
+pub fn error_body(
+    error_type: &str,
+    message: &str,
+    retryable: bool,
+    identity: &WorkerIdentity,
+) -> Value {
     let report = serde_json::json!({
         "error_type": error_type,
         "error_message": message,
@@ -145,7 +166,10 @@ pub fn error_body(error_type: &str, message: &str, retryable: bool, identity: &W
         "retryable": retryable,
         "runpod_version": super::RUNPOD_SDK_VERSION,
     });
-    Value::Object(Map::from_iter([("error".to_string(), Value::String(report.to_string()))]))
+    Value::Object(Map::from_iter([(
+        "error".to_string(),
+        Value::String(report.to_string()),
+    )]))
 }
 
 /// Whether a final body reports a failure (a truthy `error`).
@@ -184,7 +208,13 @@ mod tests {
     #[test]
     fn take_body_object_is_one_job_and_array_a_batch() {
         let one = parse_take_body(br#"{"id":"a","input":{"prompt":"x"},"webhook":"w"}"#);
-        assert_eq!(one.jobs, vec![TakenJob { id: "a".into(), input: json!({"prompt":"x"}) }]);
+        assert_eq!(
+            one.jobs,
+            vec![TakenJob {
+                id: "a".into(),
+                input: json!({"prompt":"x"})
+            }]
+        );
         let two = parse_take_body(br#"[{"id":"a","input":1},{"id":"b","input":null}]"#);
         assert_eq!(two.jobs.len(), 2);
         assert!(parse_take_body(b"[]").jobs.is_empty());
@@ -198,7 +228,10 @@ mod tests {
         assert_eq!(html.malformed[0].id, None);
         let no_input = parse_take_body(br#"{"id":"j1"}"#);
         assert_eq!(no_input.malformed[0].id.as_deref(), Some("j1"));
-        assert_eq!(no_input.malformed[0].reason, "Job has missing field(s): id or input.");
+        assert_eq!(
+            no_input.malformed[0].reason,
+            "Job has missing field(s): id or input."
+        );
         let no_id = parse_take_body(br#"{"input":{}}"#);
         assert_eq!(no_id.malformed[0].id, None);
         assert!(parse_take_body(b"{}").jobs.is_empty());
@@ -206,7 +239,10 @@ mod tests {
 
     #[test]
     fn stop_body_keeps_string_ids_only() {
-        assert_eq!(parse_stop_body(br#"{"jobsToStop":["a",1,"b"]}"#), vec!["a", "b"]);
+        assert_eq!(
+            parse_stop_body(br#"{"jobsToStop":["a",1,"b"]}"#),
+            vec!["a", "b"]
+        );
         assert!(parse_stop_body(br#"{"jobsToStop":"a"}"#).is_empty());
         assert!(parse_stop_body(b"nope").is_empty());
     }
@@ -215,8 +251,14 @@ mod tests {
     fn result_body_follows_sdk_shaping() {
         assert_eq!(result_body(json!("x")), json!({"output": "x"}));
         assert_eq!(result_body(json!([1, 2])), json!({"output": [1, 2]}));
-        assert_eq!(result_body(json!({"output": "x"})), json!({"output": {"output": "x"}}));
-        assert_eq!(result_body(json!({"error": "msg"})), json!({"error": "msg"}));
+        assert_eq!(
+            result_body(json!({"output": "x"})),
+            json!({"output": {"output": "x"}})
+        );
+        assert_eq!(
+            result_body(json!({"error": "msg"})),
+            json!({"error": "msg"})
+        );
         assert_eq!(result_body(json!({})), json!({}));
         assert_eq!(
             result_body(json!({"a": 1, "refresh_worker": true, "error": ""})),
@@ -233,7 +275,10 @@ mod tests {
 
     #[test]
     fn error_body_is_a_json_string_with_report_fields() {
-        let id = WorkerIdentity { worker_id: "w1".into(), hostname: "h1".into() };
+        let id = WorkerIdentity {
+            worker_id: "w1".into(),
+            hostname: "h1".into(),
+        };
         let body = error_body("validation", "`n` must be <= 8. Given: 9", false, &id);
         let text = body["error"].as_str().unwrap();
         let report: Value = serde_json::from_str(text).unwrap();

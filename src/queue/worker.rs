@@ -67,6 +67,9 @@ pub struct WorkerSettings {
     /// Least time between two job-take polls that returned no job (guards against a platform
     /// that answers 204 at once).
     pub empty_poll_min_interval: Duration,
+    /// On shutdown, how long a pending job-take may still deliver an answer already on its way
+    /// (jobs in it are run and drained, not dropped) before the poll is aborted.
+    pub take_abort_window: Duration,
     /// Pause after an empty job-stop answer (SDK: 1 s).
     pub stop_poll_pause: Duration,
     /// Largest job (input) in bytes; the take body cap is this times the batch size.
@@ -88,6 +91,7 @@ impl WorkerSettings {
             poll_retry: RetryPolicy::POLL,
             too_many_requests_pause: Duration::from_secs(5),
             empty_poll_min_interval: Duration::from_millis(250),
+            take_abort_window: Duration::from_millis(100),
             stop_poll_pause: Duration::from_secs(1),
             max_job_bytes: config.max_request_bytes,
             chunk_buffer: 64,
@@ -175,15 +179,27 @@ pub async fn run_worker<R: JobRunner>(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> Result<WorkerReport, StartError> {
-    let take = env.get_job_url.as_deref().ok_or(StartError::Missing("RUNPOD_WEBHOOK_GET_JOB"))?;
-    let done = env.post_output_url.as_deref().ok_or(StartError::Missing("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
+    let take = env
+        .get_job_url
+        .as_deref()
+        .ok_or(StartError::Missing("RUNPOD_WEBHOOK_GET_JOB"))?;
+    let done = env
+        .post_output_url
+        .as_deref()
+        .ok_or(StartError::Missing("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
     let stream = env.post_stream_url.as_deref();
     if stream.is_none() {
         warn!("RUNPOD_WEBHOOK_POST_STREAM is not set: chunks are not streamed (final results still carry them)");
     }
     // The SDK substitutes a random uuid when the pod id is unset.
     let url_worker_id = env.pod_id.clone().unwrap_or_else(random_worker_id);
-    let endpoints = Endpoints::new(take, done, stream.unwrap_or(""), env.ping_url.as_deref(), &url_worker_id);
+    let endpoints = Endpoints::new(
+        take,
+        done,
+        stream.unwrap_or(""),
+        env.ping_url.as_deref(),
+        &url_worker_id,
+    );
     let client = PlatformClient::new(endpoints.clone(), env.api_key.as_ref(), settings.timeouts)?;
     let table = Arc::new(JobTable::new());
     let identity = WorkerIdentity {
@@ -193,9 +209,14 @@ pub async fn run_worker<R: JobRunner>(
 
     let heartbeat = if endpoints.has_ping() && env.api_key.is_some() && env.pod_id.is_some() {
         let interval = Duration::from_millis(env.ping_interval_ms);
-        Some(Heartbeat::start(endpoints, env.api_key.clone(), interval, table.clone()).map_err(StartError::Heartbeat)?)
+        Some(
+            Heartbeat::start(endpoints, env.api_key.clone(), interval, table.clone())
+                .map_err(StartError::Heartbeat)?,
+        )
     } else {
-        info!("heartbeat disabled (needs RUNPOD_WEBHOOK_PING, RUNPOD_AI_API_KEY and RUNPOD_POD_ID)");
+        info!(
+            "heartbeat disabled (needs RUNPOD_WEBHOOK_PING, RUNPOD_AI_API_KEY and RUNPOD_POD_ID)"
+        );
         None
     };
 
@@ -214,7 +235,10 @@ pub async fn run_worker<R: JobRunner>(
     let stop_loop_done = CancellationToken::new();
     let stop_loop = tokio::spawn(stop_loop(shared.clone(), stop_loop_done.clone()));
 
-    info!(max_concurrency = shared.settings.max_concurrency, "worker started; taking jobs");
+    info!(
+        max_concurrency = shared.settings.max_concurrency,
+        "worker started; taking jobs"
+    );
     take_loop(&shared, &semaphore, &tracker, &shutdown).await;
 
     let in_flight = shared.table.len();
@@ -223,8 +247,14 @@ pub async fn run_worker<R: JobRunner>(
     let grace = shared.settings.shutdown_grace;
     // Keep a margin to post the failure reports before the platform's kill.
     let margin = (grace / 5).min(Duration::from_secs(5));
-    if tokio::time::timeout(grace - margin, tracker.wait()).await.is_err() {
-        warn!(in_flight = shared.table.len(), "shutdown grace ran out: reporting unfinished jobs as failed");
+    if tokio::time::timeout(grace - margin, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = shared.table.len(),
+            "shutdown grace ran out: reporting unfinished jobs as failed"
+        );
         shared.grace_expired.cancel();
         if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
             error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
@@ -266,12 +296,24 @@ async fn take_loop<R: JobRunner>(
             permits.push(permit);
         }
         let in_progress = !shared.table.is_empty();
-        let max_body = settings.max_job_bytes.saturating_mul(permits.len()).saturating_add(64 * 1024);
+        let max_body = settings
+            .max_job_bytes
+            .saturating_mul(permits.len())
+            .saturating_add(64 * 1024);
         let started = Instant::now();
+        let take = shared.client.take(permits.len(), in_progress, max_body);
+        tokio::pin!(take);
         let answer = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return,
-            answer = shared.client.take(permits.len(), in_progress, max_body) => answer,
+            answer = &mut take => answer,
+            () = shutdown.cancelled() => {
+                // The platform may already have assigned jobs to this poll: give its answer a
+                // moment so they are run (and drained) rather than dropped, then abort it.
+                match tokio::time::timeout(settings.take_abort_window, take).await {
+                    Ok(answer) => answer,
+                    Err(_elapsed) => return,
+                }
+            }
         };
         let pause = match answer {
             Ok(batch) => {
@@ -285,7 +327,9 @@ async fn take_loop<R: JobRunner>(
                             let error = JobError::Validation(malformed.reason);
                             tracker.spawn(report_failure(shared.clone(), id, error));
                         }
-                        None => warn!(reason = %malformed.reason, "job-take answer without a usable job"),
+                        None => {
+                            warn!(reason = %malformed.reason, "job-take answer without a usable job")
+                        }
                     }
                 }
                 for job in batch.jobs {
@@ -298,20 +342,25 @@ async fn take_loop<R: JobRunner>(
                     let permit = permits.pop();
                     let span = info_span!("job", job_id = %job.id);
                     tracker.spawn(
-                        run_job_task(shared.clone(), job, permit, cancel, semaphore.clone()).instrument(span),
+                        run_job_task(shared.clone(), job, permit, cancel, semaphore.clone())
+                            .instrument(span),
                     );
                 }
                 drop(permits);
                 if got_jobs {
                     Duration::ZERO
                 } else {
-                    settings.empty_poll_min_interval.saturating_sub(started.elapsed())
+                    settings
+                        .empty_poll_min_interval
+                        .saturating_sub(started.elapsed())
                 }
             }
             Err(QueueError::TooManyRequests) => {
                 failures += 1;
                 warn!("job-take: 429 too many requests; backing off");
-                settings.too_many_requests_pause.max(settings.poll_retry.delay(failures, &mut jitter))
+                settings
+                    .too_many_requests_pause
+                    .max(settings.poll_retry.delay(failures, &mut jitter))
             }
             Err(error) => {
                 failures += 1;
@@ -364,7 +413,9 @@ async fn run_job_task<R: JobRunner>(
     // Whatever ended the run, make sure generation stops.
     cancel.cancel();
     let result = match ending {
-        Ending::Finished(Err(JobError::Cancelled)) | Ending::Stopped if shared.table.was_stopped(&id) => {
+        Ending::Finished(Err(JobError::Cancelled)) | Ending::Stopped
+            if shared.table.was_stopped(&id) =>
+        {
             Counters::bump(&shared.counters.stopped);
             info!("stopped by the job-stop channel; no result posted");
             shared.table.remove(&id);
@@ -374,7 +425,10 @@ async fn run_job_task<R: JobRunner>(
         Ending::Stopped => Err(JobError::Cancelled),
         Ending::GraceExpired => {
             Counters::bump(&shared.counters.shutdown_failed);
-            Err(JobError::ShuttingDown("the worker is shutting down and the job did not finish within the grace period".into()))
+            Err(JobError::ShuttingDown(
+                "the worker is shutting down and the job did not finish within the grace period"
+                    .into(),
+            ))
         }
         Ending::TimedOut => Err(JobError::Timeout(format!(
             "the job ran past its deadline of {} s",
@@ -385,20 +439,39 @@ async fn run_job_task<R: JobRunner>(
         Ok(output) => wire::result_body(output),
         Err(error) => {
             info!(error_type = error.error_type(), "job failed");
-            wire::error_body(error.error_type(), &error.to_string(), error.is_retryable(), &shared.identity)
+            wire::error_body(
+                error.error_type(),
+                &error.to_string(),
+                error.is_retryable(),
+                &shared.identity,
+            )
         }
     };
     deliver_final(&shared, &id, body).await;
     shared.table.remove(&id);
-    info!(elapsed_ms = started.elapsed().as_millis() as u64, "Finished.");
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Finished."
+    );
 }
 
 /// Runs the runner and the stream poster together until the job finishes, is stopped, times out
 /// or the shutdown grace expires.
-async fn execute<R: JobRunner>(shared: &Shared<R>, job: TakenJob, cancel: &CancellationToken) -> Ending {
+async fn execute<R: JobRunner>(
+    shared: &Shared<R>,
+    job: TakenJob,
+    cancel: &CancellationToken,
+) -> Ending {
     let id = job.id.clone();
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Value>(shared.settings.chunk_buffer.max(1));
-    let run = shared.runner.run(JobSpec { id: job.id, input: job.input }, chunk_tx, cancel.clone());
+    let run = shared.runner.run(
+        JobSpec {
+            id: job.id,
+            input: job.input,
+        },
+        chunk_tx,
+        cancel.clone(),
+    );
     let poster = async {
         let mut sequence = 0u64;
         while let Some(chunk) = chunk_rx.recv().await {
@@ -425,10 +498,17 @@ async fn execute<R: JobRunner>(shared: &Shared<R>, job: TakenJob, cancel: &Cance
 async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value) {
     let body = wire::stream_body(chunk).to_string();
     if body.len() > MAX_STREAM_CHUNK_BYTES {
-        warn!(sequence, bytes = body.len(), "stream chunk over 1 MB not streamed (kept in the final result)");
+        warn!(
+            sequence,
+            bytes = body.len(),
+            "stream chunk over 1 MB not streamed (kept in the final result)"
+        );
         return;
     }
-    let outcome = shared.client.post_stream(id, &body, shared.settings.stream_retry).await;
+    let outcome = shared
+        .client
+        .post_stream(id, &body, shared.settings.stream_retry)
+        .await;
     if !matches!(outcome, PostOutcome::Delivered { .. }) {
         log_undelivered(id, &format!("stream chunk {sequence}"), &outcome);
     }
@@ -436,7 +516,12 @@ async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value
 
 /// Reports a job failed without running it (malformed job with an id).
 async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error: JobError) {
-    let body = wire::error_body(error.error_type(), &error.to_string(), error.is_retryable(), &shared.identity);
+    let body = wire::error_body(
+        error.error_type(),
+        &error.to_string(),
+        error.is_retryable(),
+        &shared.identity,
+    );
     deliver_final(&shared, &id, body).await;
 }
 
@@ -448,31 +533,53 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
     let outcome = if text.len() > MAX_RESULT_BYTES {
         PostOutcome::Rejected { status: 413 }
     } else {
-        shared.client.post_done(id, &text, true, shared.settings.result_retry).await
+        shared
+            .client
+            .post_done(id, &text, true, shared.settings.result_retry)
+            .await
     };
     let reason = match outcome {
         PostOutcome::Delivered { attempts } => {
             debug!(attempts, "result delivered");
-            Counters::bump(if failed { &shared.counters.failed } else { &shared.counters.completed });
+            Counters::bump(if failed {
+                &shared.counters.failed
+            } else {
+                &shared.counters.completed
+            });
             return;
         }
         PostOutcome::Gone { status } => {
             // The platform dropped the job (cancelled, TTL): nothing left to deliver to.
-            warn!(job_id = id, status, "result not accepted: the platform no longer knows the job");
+            warn!(
+                job_id = id,
+                status, "result not accepted: the platform no longer knows the job"
+            );
             Counters::bump(&shared.counters.undelivered);
             return;
         }
         PostOutcome::Rejected { status } if text.len() > MAX_RESULT_BYTES => {
-            format!("result of {} bytes exceeds the {MAX_RESULT_BYTES}-byte limit ({status})", text.len())
+            format!(
+                "result of {} bytes exceeds the {MAX_RESULT_BYTES}-byte limit ({status})",
+                text.len()
+            )
         }
-        PostOutcome::Rejected { status } => format!("job-done refused the result with status {status}"),
-        PostOutcome::Exhausted { attempts, last_error } => {
+        PostOutcome::Rejected { status } => {
+            format!("job-done refused the result with status {status}")
+        }
+        PostOutcome::Exhausted {
+            attempts,
+            last_error,
+        } => {
             format!("job-done failed {attempts} times, last: {last_error}")
         }
     };
     warn!(job_id = id, %reason, "result not delivered: posting a small error report instead");
     let fallback = wire::error_body("result_delivery", &reason, true, &shared.identity).to_string();
-    match shared.client.post_done(id, &fallback, true, shared.settings.result_retry).await {
+    match shared
+        .client
+        .post_done(id, &fallback, true, shared.settings.result_retry)
+        .await
+    {
         PostOutcome::Delivered { .. } => Counters::bump(&shared.counters.failed),
         outcome => {
             Counters::bump(&shared.counters.undelivered);
@@ -506,11 +613,17 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
                         debug!(job_id = %id, "job-stop for a job not in flight");
                     }
                 }
-                if ids.is_empty() { settings.stop_poll_pause } else { Duration::ZERO }
+                if ids.is_empty() {
+                    settings.stop_poll_pause
+                } else {
+                    Duration::ZERO
+                }
             }
             Err(QueueError::TooManyRequests) => {
                 failures += 1;
-                settings.too_many_requests_pause.max(settings.poll_retry.delay(failures, &mut jitter))
+                settings
+                    .too_many_requests_pause
+                    .max(settings.poll_retry.delay(failures, &mut jitter))
             }
             Err(error) => {
                 failures += 1;
@@ -533,5 +646,7 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
 /// A random hex id standing in for the worker id in URLs when `RUNPOD_POD_ID` is unset.
 fn random_worker_id() -> String {
     let mut jitter = Jitter::new();
-    (0..4).map(|_| format!("{:08x}", (jitter.unit() * f64::from(u32::MAX)) as u32)).collect()
+    (0..4)
+        .map(|_| format!("{:08x}", (jitter.unit() * f64::from(u32::MAX)) as u32))
+        .collect()
 }
