@@ -62,23 +62,36 @@ impl Run {
     }
 }
 
-fn collect(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+/// Reads a pipe to the end on its own thread, appending to `sink` as bytes arrive (so a test can
+/// watch the output while the process runs).
+fn collect(
+    mut pipe: impl Read + Send + 'static,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
     })
 }
 
+fn text(sink: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&sink.lock().unwrap()).into_owned()
+}
+
 /// Starts `wick` with `args` and exactly `envs` (plus PATH/HOME-free defaults), a clean working
-/// directory, canaries in the environment, and debug logging. `stop_when` is polled while it runs:
-/// when it returns true the process gets SIGTERM (it is a long-running worker). `limit` bounds the
-/// whole run: past it the process is killed (a bound, not a speed assertion).
+/// directory, canaries in the environment, and debug logging. `stop_when` is polled with the stderr
+/// seen so far: when it returns true the process gets SIGTERM (it is a long-running worker). `limit`
+/// bounds the whole run: past it the process is killed (a bound, not a speed assertion).
 fn run_wick(
     args: &[&str],
     envs: &[(&str, String)],
     workdir: &Path,
-    stop_when: &dyn Fn() -> bool,
+    stop_when: &dyn Fn(&str) -> bool,
     limit: Duration,
 ) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wick"));
@@ -104,8 +117,10 @@ fn run_wick(
     }
     let mut child: Child = cmd.spawn().unwrap();
     let pid = child.id();
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
+    let out_sink = Arc::new(Mutex::new(Vec::new()));
+    let err_sink = Arc::new(Mutex::new(Vec::new()));
+    let stdout = collect(child.stdout.take().unwrap(), Arc::clone(&out_sink));
+    let stderr = collect(child.stderr.take().unwrap(), Arc::clone(&err_sink));
     // Read argv from the kernel while the process is alive.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let started = Instant::now();
@@ -114,7 +129,7 @@ fn run_wick(
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if !signalled && stop_when() {
+        if !signalled && stop_when(&text(&err_sink)) {
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             signalled = true;
@@ -125,9 +140,11 @@ fn run_wick(
         }
         thread::sleep(Duration::from_millis(50));
     };
+    stdout.join().unwrap();
+    stderr.join().unwrap();
     Run {
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
+        stdout: text(&out_sink),
+        stderr: text(&err_sink),
         cmdline,
         exit_code: status.code(),
     }
@@ -217,7 +234,7 @@ fn bad_model_path_failure_does_not_leak_secrets() {
         ],
         &[],
         dir.path(),
-        &|| false,
+        &|_| false,
         Duration::from_secs(120),
     );
     run.assert_no_canary();
@@ -237,7 +254,7 @@ fn unreachable_hub_endpoint_failure_does_not_leak_secrets() {
         ],
         &[("HF_ENDPOINT", endpoint)],
         dir.path(),
-        &|| false,
+        &|_| false,
         Duration::from_secs(240),
     );
     run.assert_no_canary();
@@ -256,7 +273,7 @@ fn hub_refusing_the_token_does_not_echo_it() {
         &["--model", "wick-test/gated-repo", "--test-input", VALID_JOB],
         &[("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))],
         dir.path(),
-        &|| false,
+        &|_| false,
         Duration::from_secs(240),
     );
     run.assert_no_canary();
@@ -271,6 +288,8 @@ fn hub_refusing_the_token_does_not_echo_it() {
 
 #[test]
 fn malformed_runpod_url_failure_does_not_leak_secrets() {
+    // The worker starts, fails every job-take on the bad URL and logs each failure; stopped by
+    // SIGTERM after a few. (Finding F7: it could refuse such a URL at startup instead.)
     let dir = tempdir();
     let model = fixture("tiny-llama");
     let run = run_wick(
@@ -282,13 +301,18 @@ fn malformed_runpod_url_failure_does_not_leak_secrets() {
                 "::not a url::/$ID".to_string(),
             ),
             ("RUNPOD_POD_ID", "canary-test-worker".to_string()),
+            ("RUNPOD_ENDPOINT_ID", "canary-endpoint".to_string()),
         ],
         dir.path(),
-        &|| false,
+        &|stderr| stderr.matches("job-take failed").count() >= 2,
         Duration::from_secs(120),
     );
     run.assert_no_canary();
-    assert_ne!(run.exit_code, Some(0), "{}", run.all_output());
+    assert!(
+        run.exit_code.is_some_and(|c| c != 0) || run.stderr.contains("job-take failed"),
+        "the bad URL was neither refused nor reported:\n{}",
+        run.all_output()
+    );
 }
 
 #[test]
@@ -319,13 +343,15 @@ fn failing_queue_does_not_leak_the_runpod_key() {
         ("RUNPOD_PING_INTERVAL", "200".to_string()),
         ("RUNPOD_POD_ID", "canary-test-worker".to_string()),
         ("SHUTDOWN_GRACE_SECS", "2".to_string()),
+        // JSON log lines (spans and fields included), as under RunPod.
+        ("RUNPOD_ENDPOINT_ID", "canary-endpoint".to_string()),
     ];
     // Stop once the worker has been refused a few times (it has logged its retries by then).
     let run = run_wick(
         &["--model", model.to_str().unwrap()],
         &envs,
         dir.path(),
-        &|| queue.requests().len() >= 3,
+        &|_| queue.requests().len() >= 3,
         Duration::from_secs(180),
     );
     run.assert_no_canary();
@@ -348,7 +374,7 @@ fn invalid_test_input_failure_does_not_leak_secrets() {
         &["--model", model.to_str().unwrap(), "--test-input", job],
         &[],
         dir.path(),
-        &|| false,
+        &|_| false,
         Duration::from_secs(120),
     );
     run.assert_no_canary();
