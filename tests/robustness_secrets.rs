@@ -399,7 +399,35 @@ fn debug_output_of_secret_holders_is_redacted() {
         ..RunpodEnv::default()
     };
     let cli = Cli::parse_from(["wick", "--model", "tiny"]);
+    let mut hub = wick::hub::HubOptions::new("http://127.0.0.1:1", std::path::Path::new("cache"));
+    hub.token = Some(Secret::new(HF_CANARY));
+    let hub_from_config = wick::hub::HubOptions::from_config(
+        &wick::config::Config::for_test(),
+        Some(&Secret::new(HF_CANARY)),
+    );
+    let server = wick::server::settings::ServerSettings::from_config(
+        &wick::config::Config::for_test(),
+        Some(Secret::new(RUNPOD_CANARY)),
+    )
+    .unwrap();
+    let endpoints = wick::queue::urls::Endpoints::new(
+        "http://127.0.0.1:1/job-take/$ID",
+        "http://127.0.0.1:1/job-done/$ID",
+        "http://127.0.0.1:1/job-stream/$ID",
+        None,
+        "worker",
+    );
+    let client = wick::queue::client::PlatformClient::new(
+        endpoints,
+        Some(&Secret::new(RUNPOD_CANARY)),
+        wick::queue::Timeouts::default(),
+    )
+    .unwrap();
     let rendered = [
+        format!("{hub:?}"),
+        format!("{hub_from_config:?}"),
+        format!("{server:?}"),
+        format!("{client:?}"),
         format!("{secret:?}"),
         format!("{secret:#?}"),
         format!("{secret}"),
