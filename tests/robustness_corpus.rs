@@ -1040,3 +1040,170 @@ fn open_findings_are_fixed() {
         violations.join("\n")
     );
 }
+
+// ------------------------------------------------------------------- end to end through run_job
+
+fn fixture_files(name: &str) -> wick::hub::ModelFiles {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    wick::hub::ModelFiles {
+        config: Some(dir.join("config.json")),
+        weights: wick::hub::WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
+        tokenizer_json: Some(dir.join("tokenizer.json")),
+        tokenizer_config: Some(dir.join("tokenizer_config.json")),
+        generation_config: Some(dir.join("generation_config.json")),
+    }
+}
+
+/// Largest job output accepted as "bounded" here (the tiny model with a 256-token context makes
+/// far less; anything near this would mean output grows without a limit).
+const MAX_JOB_OUTPUT_BYTES: usize = 4 * MB;
+
+#[test]
+fn job_corpus_through_run_job_on_a_tiny_model_ends_in_a_result_or_a_job_error() {
+    use tokio_util::sync::CancellationToken;
+    use wick::job::{run_job, JobContext};
+
+    let config = wick::config::Config {
+        max_model_len: Some(256),
+        max_num_seqs: 4,
+        warmup: false,
+        ..wick::config::Config::for_test()
+    };
+    let engine = wick::engine::load_engine(&fixture_files("tiny-llama"), &config).unwrap();
+    let ctx = JobContext::new(engine, &config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let mut inputs: Vec<(String, Value)> = Vec::new();
+    for (name, data) in corpus("job_input") {
+        for job in wick::queue::wire::parse_take_body(&data).jobs {
+            inputs.push((format!("{name}#{}", job.id), job.input));
+        }
+    }
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let hostile = [
+        (
+            "openai_model_traversal",
+            json!({"openai_route": "/v1/chat/completions",
+            "openai_input": {"model": "../../etc/passwd", "messages": user, "max_tokens": 2}}),
+        ),
+        (
+            "openai_model_file_url",
+            json!({"openai_route": "/v1/completions",
+            "openai_input": {"model": "file:///etc/passwd", "prompt": "x", "max_tokens": 2}}),
+        ),
+        (
+            "completion_ids_out_of_vocab",
+            json!({"openai_route": "/v1/completions",
+            "openai_input": {"prompt": [999_999, 4_294_967_295u64], "max_tokens": 2}}),
+        ),
+        (
+            "max_tokens_past_context",
+            json!({"prompt": "x", "sampling_params": {"max_tokens": 100_000}}),
+        ),
+        (
+            "template_syntax_in_message",
+            json!({"messages": [{"role": "user",
+            "content": "{% for i in range(999999999) %}{{ i }}{% endfor %}"}],
+            "sampling_params": {"max_tokens": 2}}),
+        ),
+        (
+            "n_16_short",
+            json!({"prompt": "x", "sampling_params": {"n": 16, "max_tokens": 2, "seed": 1}}),
+        ),
+        (
+            "hostile_penalties",
+            json!({"prompt": "x", "sampling_params": {"max_tokens": 4,
+            "repetition_penalty": 100.0, "presence_penalty": 2.0, "frequency_penalty": -2.0,
+            "top_k": 1_000_000, "min_p": 1.0, "temperature": 100.0}}),
+        ),
+    ];
+    inputs.extend(hostile.into_iter().map(|(n, v)| (n.to_string(), v)));
+
+    let mut violations = Vec::new();
+    let mut results: Vec<(String, Result<usize, &'static str>)> = Vec::new();
+    for (name, input) in inputs {
+        let outcome = runtime.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
+            let drain = tokio::spawn(async move {
+                let mut bytes = 0usize;
+                while let Some(chunk) = rx.recv().await {
+                    bytes += chunk.to_string().len();
+                }
+                bytes
+            });
+            let job = run_job(&ctx, input, tx, CancellationToken::new());
+            let result = tokio::time::timeout(HANG_GUARD, job).await;
+            (result, drain.await)
+        });
+        match outcome {
+            (Err(_), _) => violations.push(format!("{name}: hung for more than {HANG_GUARD:?}")),
+            (_, Err(e)) => violations.push(format!("{name}: chunk reader failed: {e}")),
+            (Ok(Ok(output)), Ok(streamed)) => {
+                let bytes = output.to_string().len();
+                if bytes > MAX_JOB_OUTPUT_BYTES || streamed > MAX_JOB_OUTPUT_BYTES {
+                    violations.push(format!(
+                        "{name}: output of {bytes} B, streamed {streamed} B"
+                    ));
+                }
+                results.push((name, Ok(bytes)));
+            }
+            (Ok(Err(err)), Ok(_)) => {
+                if !entry::KNOWN_ERROR_TYPES.contains(&err.error_type()) {
+                    violations.push(format!("{name}: unknown error_type {}", err.error_type()));
+                }
+                results.push((name, Err(err.error_type())));
+            }
+        }
+    }
+    let result_of = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
+    let mut expect = |name: &str, want: Result<(), &'static str>| {
+        let got = result_of(name);
+        let ok = match (want, got) {
+            (Ok(()), Some(Ok(_))) => true,
+            (Err(kind), Some(Err(k))) => kind == k,
+            (_, None) => true, // already a violation
+            _ => false,
+        };
+        if !ok {
+            violations.push(format!("{name}: expected {want:?}, got {got:?}"));
+        }
+    };
+    expect("job_input/prompt#job-1", Ok(()));
+    expect("job_input/messages_stream#job-1", Ok(()));
+    expect("openai_model_traversal", Err("not_found"));
+    expect("openai_model_file_url", Err("not_found"));
+    expect("completion_ids_out_of_vocab", Err("validation"));
+    expect("max_tokens_past_context", Err("validation"));
+    // Template syntax in a message is text: the job runs.
+    expect("template_syntax_in_message", Ok(()));
+    expect("n_16_short", Ok(()));
+    expect("hostile_penalties", Ok(()));
+    assert!(
+        violations.is_empty(),
+        "{} violation(s):\n{}",
+        violations.len(),
+        violations.join("\n")
+    );
+    // The engine is still serving after all of that.
+    let after = runtime.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        run_job(
+            &ctx,
+            json!({"prompt": "x", "sampling_params": {"max_tokens": 2}}),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+    });
+    assert!(
+        after.is_ok(),
+        "engine unhealthy after the corpus: {after:?}"
+    );
+}
