@@ -199,7 +199,7 @@ pub fn validate_job_input(input: Value, limits: &JobLimits) -> Outcome {
         Ok(JobInput::Native(native)) => {
             let prompt = match &native.prompt {
                 wick::job::input::PromptSource::Text(text) => {
-                    check_prompt_text("prompt", text, limits).map(|()| ())
+                    check_prompt_text("prompt", text, limits)
                 }
                 wick::job::input::PromptSource::Chat(messages) => {
                     check_messages(messages, limits).map(|_| ())

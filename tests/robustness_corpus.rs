@@ -221,7 +221,7 @@ struct Replay {
 
 impl Replay {
     /// Records a violation unless `ok(outcome)` holds for `name` (a crashed input is already one).
-    fn expect(&mut self, name: &str, what: &str, ok: impl Fn(&Vec<Outcome>) -> bool) {
+    fn expect(&mut self, name: &str, what: &str, ok: impl Fn(&[Outcome]) -> bool) {
         if let Some((_, outcome)) = self.outcomes.iter().find(|(n, _)| n == name) {
             if !ok(outcome) {
                 let line = format!("{name}: expected {what}, got {outcome:?}");
@@ -268,16 +268,16 @@ fn is_rejected(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Rejected(_))
 }
 
-fn all_rejected(outcomes: &Vec<Outcome>) -> bool {
+fn all_rejected(outcomes: &[Outcome]) -> bool {
     !outcomes.is_empty() && outcomes.iter().all(is_rejected)
 }
 
-fn none_accepted(outcomes: &Vec<Outcome>) -> bool {
+fn none_accepted(outcomes: &[Outcome]) -> bool {
     !outcomes.contains(&Outcome::Accepted)
 }
 
-fn accepted(outcomes: &Vec<Outcome>) -> bool {
-    outcomes == &vec![Outcome::Accepted]
+fn accepted(outcomes: &[Outcome]) -> bool {
+    outcomes == [Outcome::Accepted]
 }
 
 /// A job-take body around `input`.
