@@ -176,11 +176,36 @@ async fn drive(
     Ok(run.response(&choices))
 }
 
+/// The request's sampling fields with the model's defaults filled in, validated.
 fn resolve_sampling(
     ctx: &JobContext,
     sampling: &RawSamplingParams,
 ) -> Result<ResolvedSampling, JobError> {
-    sampling.resolve(&ctx.limits, ctx.engine.info().vocab_size)
+    ctx.openai_defaults
+        .fill(sampling)
+        .resolve(&ctx.limits, ctx.engine.info().vocab_size)
+}
+
+/// vLLM's `max_tokens` rule on the OpenAI routes: the request's value (or the route default) must
+/// fit the context, and the model's `max_new_tokens` caps it.
+fn openai_max_tokens(
+    ctx: &JobContext,
+    requested: Option<i64>,
+    default: MaxTokensDefault,
+    prompt_tokens: usize,
+    min_tokens: usize,
+) -> Result<usize, JobError> {
+    let max_tokens = fit_max_tokens(
+        requested,
+        default,
+        prompt_tokens,
+        min_tokens,
+        ctx.limits.max_model_len,
+    )?;
+    Ok(match ctx.openai_defaults.max_new_tokens {
+        Some(cap) => max_tokens.min(cap.max(min_tokens).max(1)),
+        None => max_tokens,
+    })
 }
 
 /// Runs a chat completion. Returns the `chat.completion` object; when `req.stream`, also sends every
@@ -210,12 +235,12 @@ pub async fn run_chat(
     )
     .await?;
     let mut params = resolved.params;
-    params.max_tokens = fit_max_tokens(
+    params.max_tokens = openai_max_tokens(
+        ctx,
         req.sampling.max_tokens,
         MaxTokensDefault::RemainingContext,
         prompt_ids.len(),
         params.min_tokens,
-        ctx.limits.max_model_len,
     )?;
     let run = OaRun {
         flavor: Flavor::Chat,
@@ -299,12 +324,12 @@ pub async fn run_completion(
             }
         };
         let mut params = resolved.params.clone();
-        params.max_tokens = fit_max_tokens(
+        params.max_tokens = openai_max_tokens(
+            ctx,
             req.sampling.max_tokens,
             MaxTokensDefault::Fixed(16),
             ids.len(),
             params.min_tokens,
-            ctx.limits.max_model_len,
         )?;
         with_logprobs = params.logprobs.is_some();
         prompt_tokens += ids.len();
