@@ -95,7 +95,9 @@ impl Tokenizer {
 
         let source = match custom_chat_template {
             Some(custom) => Some(custom.to_string()),
-            None => tokenizer_config.as_ref().and_then(chat_template::select_source),
+            None => tokenizer_config
+                .as_ref()
+                .and_then(chat_template::select_source),
         };
         let chat_template = source.map(chat_template::ChatTemplate::new).transpose()?;
         Ok(Tokenizer {
