@@ -163,6 +163,56 @@ pub struct Config {
     /// Requests waiting for the engine beyond the running ones before the dev server answers 429.
     #[arg(long, env = "MAX_WAITING_REQUESTS", default_value_t = 256)]
     pub max_waiting_requests: usize,
+    /// Hugging Face Hub settings from the `HF_*` environment variables (no flags; see [`HubEnv`]).
+    #[arg(skip = HubEnv::from_env())]
+    pub hub_env: HubEnv,
+    /// OpenAI streams through a queue job as strings of SSE lines (worker-vllm's default); 0/false
+    /// yields lists of chunk objects instead.
+    #[arg(long, env = "RAW_OPENAI_OUTPUT", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub raw_openai_output: bool,
+    /// worker-vllm's name for the model name in OpenAI responses; wins over SERVED_MODEL_NAME there.
+    #[arg(long, env = "OPENAI_SERVED_MODEL_NAME_OVERRIDE")]
+    pub openai_served_model_name_override: Option<String>,
+}
+
+/// Hugging Face Hub settings, read from the environment under the names Python's `huggingface_hub`
+/// uses, so a cache and endpoint shared with Python tools behave the same. `HF_TOKEN` is not here: it
+/// is a [`Secret`] (see [`secret_from_env`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubEnv {
+    /// `HF_ENDPOINT`: the Hub base URL (default `https://huggingface.co`).
+    pub endpoint: Option<String>,
+    /// `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`): the cache directory itself.
+    pub hub_cache: Option<PathBuf>,
+    /// `HF_HOME`: the cache is `$HF_HOME/hub`.
+    pub hf_home: Option<PathBuf>,
+    /// `XDG_CACHE_HOME`: the cache is `$XDG_CACHE_HOME/huggingface/hub` when nothing above is set.
+    pub xdg_cache_home: Option<PathBuf>,
+    /// `HOME`: the last fallback, `~/.cache/huggingface/hub`.
+    pub home: Option<PathBuf>,
+    /// `HF_HUB_OFFLINE` (`1`, `true`, `yes`, `on`): resolve from the cache only, never the network.
+    pub offline: bool,
+}
+
+impl HubEnv {
+    /// Reads the variables above from the process environment (empty values count as unset).
+    pub fn from_env() -> Self {
+        HubEnv {
+            endpoint: env_var("HF_ENDPOINT"),
+            hub_cache: env_var("HF_HUB_CACHE")
+                .or_else(|| env_var("HUGGINGFACE_HUB_CACHE"))
+                .map(PathBuf::from),
+            hf_home: env_var("HF_HOME").map(PathBuf::from),
+            xdg_cache_home: env_var("XDG_CACHE_HOME").map(PathBuf::from),
+            home: env_var("HOME").map(PathBuf::from),
+            offline: env_var("HF_HUB_OFFLINE").is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            }),
+        }
+    }
 }
 
 /// A configuration that cannot work; the message names the flag.
@@ -292,5 +342,67 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::for_test().validate().unwrap();
+    }
+}
+
+/// The RunPod platform environment (runpod-python 1.12.0 names and defaults). Its presence decides the
+/// mode: with [`RunpodEnv::get_job_url`] set, `wick` runs as a queue worker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunpodEnv {
+    /// `RUNPOD_WEBHOOK_GET_JOB`: job-take URL template (`$ID` = worker id).
+    pub get_job_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_POST_OUTPUT`: job-done URL template (`$ID` = job id, `$RUNPOD_POD_ID` = worker id).
+    pub post_output_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_POST_STREAM` (fallback `RUNPOD_WEBHOOK_JOB_STREAM`): job-stream URL template.
+    pub post_stream_url: Option<String>,
+    /// `RUNPOD_WEBHOOK_PING`: heartbeat URL template (`$RUNPOD_POD_ID` = worker id).
+    pub ping_url: Option<String>,
+    /// `RUNPOD_PING_INTERVAL`: heartbeat period in milliseconds (default 10000).
+    pub ping_interval_ms: u64,
+    /// `RUNPOD_AI_API_KEY`: sent raw in `Authorization`.
+    pub api_key: Option<Secret>,
+    /// `RUNPOD_POD_ID`: the worker id (URLs, error reports).
+    pub pod_id: Option<String>,
+    /// `RUNPOD_POD_HOSTNAME`: `hostname` in error reports.
+    pub pod_hostname: Option<String>,
+    /// `RUNPOD_ENDPOINT_ID`: when set, logs are JSON lines.
+    pub endpoint_id: Option<String>,
+    /// `RUNPOD_LOG_LEVEL` (fallback `RUNPOD_DEBUG_LEVEL`).
+    pub log_level: Option<String>,
+}
+
+/// Default heartbeat period of the RunPod SDK, in milliseconds.
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 10_000;
+
+impl RunpodEnv {
+    /// Reads the RunPod variables from the process environment. Empty values count as unset; an
+    /// unparsable `RUNPOD_PING_INTERVAL` falls back to the default (and is reported by the caller via
+    /// [`RunpodEnv::ping_interval_raw`]).
+    pub fn from_env() -> Self {
+        RunpodEnv {
+            get_job_url: env_var("RUNPOD_WEBHOOK_GET_JOB"),
+            post_output_url: env_var("RUNPOD_WEBHOOK_POST_OUTPUT"),
+            post_stream_url: env_var("RUNPOD_WEBHOOK_POST_STREAM")
+                .or_else(|| env_var("RUNPOD_WEBHOOK_JOB_STREAM")),
+            ping_url: env_var("RUNPOD_WEBHOOK_PING").filter(|u| u != "PING_NOT_SET"),
+            ping_interval_ms: Self::ping_interval_raw()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(DEFAULT_PING_INTERVAL_MS),
+            api_key: secret_from_env("RUNPOD_AI_API_KEY"),
+            pod_id: env_var("RUNPOD_POD_ID"),
+            pod_hostname: env_var("RUNPOD_POD_HOSTNAME"),
+            endpoint_id: env_var("RUNPOD_ENDPOINT_ID"),
+            log_level: env_var("RUNPOD_LOG_LEVEL").or_else(|| env_var("RUNPOD_DEBUG_LEVEL")),
+        }
+    }
+
+    /// The raw `RUNPOD_PING_INTERVAL` value, for a startup warning when it does not parse.
+    pub fn ping_interval_raw() -> Option<String> {
+        env_var("RUNPOD_PING_INTERVAL")
+    }
+
+    /// Whether a queue is configured (`RUNPOD_WEBHOOK_GET_JOB` set): production mode.
+    pub fn queue_configured(&self) -> bool {
+        self.get_job_url.is_some()
     }
 }

@@ -15,8 +15,8 @@ use crate::error::JobError;
 /// A parsed job input.
 #[derive(Debug, Clone)]
 pub enum JobInput {
-    /// worker-vllm's native input.
-    Native(NativeInput),
+    /// worker-vllm's native input (boxed: it is much larger than the OpenAI variant).
+    Native(Box<NativeInput>),
     /// An OpenAI request carried through the queue.
     OpenAi {
         /// Which route.
@@ -143,11 +143,17 @@ const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("guided_choice", "guided decoding is not supported"),
     ("guided_grammar", "guided decoding is not supported"),
     ("guided_decoding", "guided decoding is not supported"),
-    ("guided_decoding_backend", "guided decoding is not supported"),
+    (
+        "guided_decoding_backend",
+        "guided decoding is not supported",
+    ),
     ("structured_outputs", "structured outputs are not supported"),
     ("grammar", "grammar is not supported"),
     ("logits_processors", "`logits_processors` are not supported"),
-    ("chat_template", "`chat_template` is never taken from a request; the model's template is used"),
+    (
+        "chat_template",
+        "`chat_template` is never taken from a request; the model's template is used",
+    ),
     ("lora_request", "LoRA adapters are not supported"),
 ];
 
@@ -171,7 +177,9 @@ fn is_set(value: &Value) -> bool {
 pub(crate) fn reject_unsupported(map: &Map<String, Value>) -> Result<(), JobError> {
     for (field, why) in UNSUPPORTED_FIELDS {
         if map.get(*field).is_some_and(is_set) {
-            return Err(JobError::Validation(format!("`{field}`: {why} by this worker")));
+            return Err(JobError::Validation(format!(
+                "`{field}`: {why} by this worker"
+            )));
         }
     }
     Ok(())
@@ -203,7 +211,12 @@ pub(crate) fn field<T: DeserializeOwned>(
         None | Some(Value::Null) => Ok(None),
         Some(value) => serde_json::from_value::<T>(value.clone())
             .map(Some)
-            .map_err(|_| JobError::Validation(format!("`{name}` must be {expected}. Given: {}", short_json(value)))),
+            .map_err(|_| {
+                JobError::Validation(format!(
+                    "`{name}` must be {expected}. Given: {}",
+                    short_json(value)
+                ))
+            }),
     }
 }
 
@@ -211,7 +224,10 @@ pub(crate) fn field<T: DeserializeOwned>(
 ///
 /// # Errors
 /// [`JobError::Validation`] when it is neither.
-pub(crate) fn stop_field(map: &Map<String, Value>, name: &str) -> Result<Option<StopStrings>, JobError> {
+pub(crate) fn stop_field(
+    map: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<StopStrings>, JobError> {
     match map.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
@@ -281,7 +297,7 @@ impl JobInput {
             let body = map.remove("openai_input").unwrap_or(Value::Null);
             return Ok(JobInput::OpenAi { route, body });
         }
-        NativeInput::from_map(&map).map(JobInput::Native)
+        NativeInput::from_map(&map).map(|native| JobInput::Native(Box::new(native)))
     }
 }
 
@@ -291,26 +307,31 @@ impl NativeInput {
     /// # Errors
     /// [`JobError::Validation`].
     pub fn from_map(map: &Map<String, Value>) -> Result<NativeInput, JobError> {
-        let apply_chat_template: bool = field(map, "apply_chat_template", "a boolean")?.unwrap_or(false);
-        let prompt = match (map.get("messages").filter(|v| !v.is_null()), map.get("prompt").filter(|v| !v.is_null())) {
+        let apply_chat_template: bool =
+            field(map, "apply_chat_template", "a boolean")?.unwrap_or(false);
+        let prompt = match (
+            map.get("messages").filter(|v| !v.is_null()),
+            map.get("prompt").filter(|v| !v.is_null()),
+        ) {
             // worker-vllm takes `messages` first when both are present.
             (Some(messages), _) => PromptSource::Chat(messages.clone()),
             (None, Some(Value::String(text))) if apply_chat_template => {
                 PromptSource::Chat(serde_json::json!([{"role": "user", "content": text}]))
             }
             (None, Some(Value::String(text))) => PromptSource::Text(text.clone()),
-            (None, Some(Value::Array(messages))) => PromptSource::Chat(Value::Array(messages.clone())),
+            (None, Some(Value::Array(messages))) => {
+                PromptSource::Chat(Value::Array(messages.clone()))
+            }
             (None, Some(other)) => {
                 return Err(JobError::Validation(format!(
                     "`prompt` must be a string. Given: {}",
                     short_json(other)
                 )))
             }
-            (None, None) => {
-                return Err(JobError::Validation(
-                    "`input` must contain `prompt` (a string) or `messages` (a list of chat messages)".into(),
-                ))
-            }
+            (None, None) => return Err(JobError::Validation(
+                "`input` must contain `prompt` (a string) or `messages` (a list of chat messages)"
+                    .into(),
+            )),
         };
         let sampling = match map.get("sampling_params") {
             None | Some(Value::Null) => RawSamplingParams::default(),
@@ -326,18 +347,21 @@ impl NativeInput {
             match field::<i64>(map, name, "an integer")? {
                 None => Ok(None),
                 Some(v) if (1..=1_000_000).contains(&v) => Ok(Some(v as usize)),
-                Some(v) => Err(JobError::Validation(format!("`{name}` must be >= 1 and <= 1000000. Given: {v}"))),
+                Some(v) => Err(JobError::Validation(format!(
+                    "`{name}` must be >= 1 and <= 1000000. Given: {v}"
+                ))),
             }
         };
-        let batch_size_growth_factor = match field::<f64>(map, "batch_size_growth_factor", "a number")? {
-            None => None,
-            Some(f) if (1.0..=1000.0).contains(&f) => Some(f),
-            Some(f) => {
-                return Err(JobError::Validation(format!(
-                    "`batch_size_growth_factor` must be >= 1 and <= 1000. Given: {f}"
-                )))
-            }
-        };
+        let batch_size_growth_factor =
+            match field::<f64>(map, "batch_size_growth_factor", "a number")? {
+                None => None,
+                Some(f) if (1.0..=1000.0).contains(&f) => Some(f),
+                Some(f) => {
+                    return Err(JobError::Validation(format!(
+                        "`batch_size_growth_factor` must be >= 1 and <= 1000. Given: {f}"
+                    )))
+                }
+            };
         Ok(NativeInput {
             prompt,
             sampling,
@@ -362,7 +386,9 @@ mod tests {
     fn parses_native_prompt_with_sampling_params() {
         let input = json!({"prompt": "hi", "stream": true, "max_batch_size": 5,
             "sampling_params": {"temperature": 0, "max_tokens": 7, "stop": "x", "unknown_knob": 3}});
-        let JobInput::Native(native) = JobInput::parse(input, &limits()).unwrap() else { panic!() };
+        let JobInput::Native(native) = JobInput::parse(input, &limits()).unwrap() else {
+            panic!()
+        };
         assert_eq!(native.prompt, PromptSource::Text("hi".into()));
         assert!(native.stream);
         assert_eq!(native.max_batch_size, Some(5));
@@ -374,47 +400,95 @@ mod tests {
     #[test]
     fn apply_chat_template_wraps_prompt_as_user_message() {
         let input = json!({"prompt": "hi", "apply_chat_template": true});
-        let JobInput::Native(native) = JobInput::parse(input, &limits()).unwrap() else { panic!() };
-        assert_eq!(native.prompt, PromptSource::Chat(json!([{"role": "user", "content": "hi"}])));
+        let JobInput::Native(native) = JobInput::parse(input, &limits()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            native.prompt,
+            PromptSource::Chat(json!([{"role": "user", "content": "hi"}]))
+        );
     }
 
     #[test]
     fn type_errors_name_the_field_and_value() {
-        let err = JobInput::parse(json!({"prompt": "x", "sampling_params": {"temperature": "hot"}}), &limits()).unwrap_err();
-        assert_eq!(err.to_string(), "`temperature` must be a number. Given: \"hot\"");
+        let err = JobInput::parse(
+            json!({"prompt": "x", "sampling_params": {"temperature": "hot"}}),
+            &limits(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`temperature` must be a number. Given: \"hot\""
+        );
         assert_eq!(err.error_type(), "validation");
     }
 
     #[test]
     fn rejects_missing_prompt_and_non_object_input() {
-        assert!(matches!(JobInput::parse(json!({"stream": true}), &limits()), Err(JobError::Validation(_))));
-        assert!(matches!(JobInput::parse(json!("hello"), &limits()), Err(JobError::Validation(_))));
+        assert!(matches!(
+            JobInput::parse(json!({"stream": true}), &limits()),
+            Err(JobError::Validation(_))
+        ));
+        assert!(matches!(
+            JobInput::parse(json!("hello"), &limits()),
+            Err(JobError::Validation(_))
+        ));
     }
 
     #[test]
     fn rejects_known_unsupported_fields_but_ignores_defaults() {
-        let err = JobInput::parse(json!({"prompt": "x", "sampling_params": {"use_beam_search": true}}), &limits()).unwrap_err();
+        let err = JobInput::parse(
+            json!({"prompt": "x", "sampling_params": {"use_beam_search": true}}),
+            &limits(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("use_beam_search"), "{err}");
-        let ok = JobInput::parse(json!({"prompt": "x", "sampling_params": {"use_beam_search": false, "logit_bias": {}}}), &limits());
+        let ok = JobInput::parse(
+            json!({"prompt": "x", "sampling_params": {"use_beam_search": false, "logit_bias": {}}}),
+            &limits(),
+        );
         assert!(ok.is_ok());
-        let err = JobInput::parse(json!({"prompt": "x", "sampling_params": {"guided_json": {"type": "object"}}}), &limits()).unwrap_err();
+        let err = JobInput::parse(
+            json!({"prompt": "x", "sampling_params": {"guided_json": {"type": "object"}}}),
+            &limits(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("guided"), "{err}");
     }
 
     #[test]
     fn openai_route_is_parsed_and_unknown_routes_are_not_found() {
-        let input = json!({"openai_route": "/v1/chat/completions", "openai_input": {"messages": []}});
-        assert!(matches!(JobInput::parse(input, &limits()).unwrap(), JobInput::OpenAi { route: OpenAiRoute::ChatCompletions, .. }));
-        let err = JobInput::parse(json!({"openai_route": "/v1/embeddings"}), &limits()).unwrap_err();
+        let input =
+            json!({"openai_route": "/v1/chat/completions", "openai_input": {"messages": []}});
+        assert!(matches!(
+            JobInput::parse(input, &limits()).unwrap(),
+            JobInput::OpenAi {
+                route: OpenAiRoute::ChatCompletions,
+                ..
+            }
+        ));
+        let err =
+            JobInput::parse(json!({"openai_route": "/v1/embeddings"}), &limits()).unwrap_err();
         assert_eq!(err.error_type(), "not_found");
-        assert_eq!(OpenAiRoute::parse("/openai/v1/models/").unwrap(), OpenAiRoute::Models);
+        assert_eq!(
+            OpenAiRoute::parse("/openai/v1/models/").unwrap(),
+            OpenAiRoute::Models
+        );
     }
 
     #[test]
     fn rejects_out_of_range_batch_sizes() {
-        let err = JobInput::parse(json!({"prompt": "x", "max_batch_size": 0}), &limits()).unwrap_err();
-        assert_eq!(err.to_string(), "`max_batch_size` must be >= 1 and <= 1000000. Given: 0");
-        let err = JobInput::parse(json!({"prompt": "x", "batch_size_growth_factor": 0.5}), &limits()).unwrap_err();
+        let err =
+            JobInput::parse(json!({"prompt": "x", "max_batch_size": 0}), &limits()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`max_batch_size` must be >= 1 and <= 1000000. Given: 0"
+        );
+        let err = JobInput::parse(
+            json!({"prompt": "x", "batch_size_growth_factor": 0.5}),
+            &limits(),
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("`batch_size_growth_factor`"));
     }
 }

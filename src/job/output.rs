@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::input::{NativeInput, PromptSource};
-use super::stream::{expand_n, BatchSize, Generation};
+use super::stream::{expand_n, BatchSize, Generation, StreamBatching};
 use super::validate::{self, fit_max_tokens, MaxTokensDefault};
 use super::JobContext;
 use crate::engine::{FinishReason, GeneratedToken, SeqEvent, SeqSummary, TokenLogprob};
@@ -36,7 +36,11 @@ impl ItemSink<'_> {
     ///
     /// # Errors
     /// [`JobError::Cancelled`] when `cancel` fires or the receiver is gone.
-    pub(crate) async fn emit(&mut self, item: Value, cancel: &CancellationToken) -> Result<(), JobError> {
+    pub(crate) async fn emit(
+        &mut self,
+        item: Value,
+        cancel: &CancellationToken,
+    ) -> Result<(), JobError> {
         self.items.push(item.clone());
         tokio::select! {
             biased;
@@ -99,12 +103,17 @@ pub(crate) async fn prepare_prompt(
         PromptSource::Text(text) => {
             validate::check_prompt_text("prompt", text, &ctx.limits)?;
             let text = text.clone();
-            tokio::task::spawn_blocking(move || tokenizer.encode(&text, true).map_err(tokenizer_error))
+            tokio::task::spawn_blocking(move || {
+                tokenizer.encode(&text, true).map_err(tokenizer_error)
+            })
         }
         PromptSource::Chat(messages) => {
             let messages = validate::normalize_messages(messages, &ctx.limits)?;
             tokio::task::spawn_blocking(move || {
-                let template = tokenizer.chat_template.as_ref().ok_or_else(|| tokenizer_error(TokenizerError::NoChatTemplate))?;
+                let template = tokenizer
+                    .chat_template
+                    .as_ref()
+                    .ok_or_else(|| tokenizer_error(TokenizerError::NoChatTemplate))?;
                 let rendered = template
                     .render_with(&crate::tokenizer::chat_template::RenderContext {
                         messages: &messages,
@@ -119,7 +128,9 @@ pub(crate) async fn prepare_prompt(
             })
         }
     };
-    let mut ids = job.await.map_err(|e| JobError::Tokenizer(format!("tokenizer task failed: {e}")))??;
+    let mut ids = job
+        .await
+        .map_err(|e| JobError::Tokenizer(format!("tokenizer task failed: {e}")))??;
     if let Some(keep) = truncate {
         if ids.len() > keep {
             ids.drain(..ids.len() - keep);
@@ -139,10 +150,14 @@ pub(crate) fn tokenizer_error(err: TokenizerError) -> JobError {
 
 /// One token's logprob entry in the native shape.
 fn native_logprob(token: &GeneratedToken) -> Value {
-    let entry = |t: &TokenLogprob| json!({"token": t.token, "token_id": t.token_id, "logprob": t.logprob});
+    let entry =
+        |t: &TokenLogprob| json!({"token": t.token, "token_id": t.token_id, "logprob": t.logprob});
     let mut value = entry(&token.chosen);
     if let Value::Object(map) = &mut value {
-        map.insert("top_logprobs".into(), Value::Array(token.top.iter().map(entry).collect()));
+        map.insert(
+            "top_logprobs".into(),
+            Value::Array(token.top.iter().map(entry).collect()),
+        );
     }
     value
 }
@@ -153,7 +168,10 @@ pub(crate) fn check_summary(summary: &SeqSummary) -> Result<(), JobError> {
         FinishReason::Stop | FinishReason::Length => Ok(()),
         FinishReason::Cancelled => Err(JobError::Cancelled),
         FinishReason::Error => Err(JobError::Engine(
-            summary.error.clone().unwrap_or_else(|| "the sequence failed".into()),
+            summary
+                .error
+                .clone()
+                .unwrap_or_else(|| "the sequence failed".into()),
         )),
     }
 }
@@ -176,7 +194,10 @@ impl NativeChoice {
             map.insert("finish_reason".into(), json!(reason.to_string()));
         }
         if with_logprobs {
-            map.insert("logprobs".into(), Value::Array(std::mem::take(&mut self.logprobs)));
+            map.insert(
+                "logprobs".into(),
+                Value::Array(std::mem::take(&mut self.logprobs)),
+            );
         }
         Value::Object(map)
     }
@@ -184,53 +205,74 @@ impl NativeChoice {
 
 fn native_item(choices: &mut [NativeChoice], prompt_tokens: usize, with_logprobs: bool) -> Value {
     let output: usize = choices.iter().map(|c| c.generated).sum();
-    let choices: Vec<Value> = choices.iter_mut().map(|c| c.take_json(with_logprobs)).collect();
+    let choices: Vec<Value> = choices
+        .iter_mut()
+        .map(|c| c.take_json(with_logprobs))
+        .collect();
     json!({"choices": choices, "usage": {"input": prompt_tokens, "output": output}})
 }
 
-/// Runs a native job (`prompt` / `messages`) and yields its items.
-pub(crate) async fn run_native(
-    ctx: &JobContext,
-    input: NativeInput,
-    sink: &mut ItemSink<'_>,
-    cancel: &CancellationToken,
-) -> Result<(), JobError> {
-    let resolved = input.sampling.resolve(&ctx.limits, ctx.engine.info().vocab_size)?;
-    let options = ChatOptions { add_generation_prompt: true, ..ChatOptions::default() };
-    let prompt_ids = prepare_prompt(ctx, &input.prompt, options, resolved.truncate_prompt_tokens).await?;
-    let mut params = resolved.params;
-    params.max_tokens = fit_max_tokens(
-        input.sampling.max_tokens,
-        MaxTokensDefault::Fixed(100),
-        prompt_ids.len(),
-        params.min_tokens,
-        ctx.limits.max_model_len,
-    )?;
-    let with_logprobs = params.logprobs.is_some();
-    let prompt_tokens = prompt_ids.len();
-    let specs = expand_n(&prompt_ids, &params, resolved.n);
-    let mut generation = Generation::start(&ctx.engine, &new_request_id("job-"), specs, ctx.request_timeout)?;
-    let batching = ctx
-        .stream_defaults
-        .with_overrides(input.max_batch_size, input.min_batch_size, input.batch_size_growth_factor);
-    let mut batch_size = BatchSize::new(batching);
-    let mut batch_count = 0usize;
-    let mut pending_finish = false;
-    let mut choices: Vec<NativeChoice> = (0..resolved.n).map(|_| NativeChoice::default()).collect();
-    if !input.stream {
-        choices.iter_mut().for_each(|c| c.tokens.push(String::new()));
+/// Turns a native job's sequence events into worker-vllm items (pure state machine: no engine, no
+/// channels). Streaming, an item is ready whenever the current batch is full; otherwise one item
+/// holds everything at the end.
+#[derive(Debug)]
+struct NativeShaper {
+    choices: Vec<NativeChoice>,
+    stream: bool,
+    with_logprobs: bool,
+    prompt_tokens: usize,
+    batch_size: BatchSize,
+    /// Tokens (over all choices) in the current batch.
+    batch_count: usize,
+    /// A choice finished since the last item.
+    pending_finish: bool,
+}
+
+impl NativeShaper {
+    fn new(
+        n: usize,
+        stream: bool,
+        with_logprobs: bool,
+        prompt_tokens: usize,
+        batching: StreamBatching,
+    ) -> Self {
+        let mut choices: Vec<NativeChoice> = (0..n).map(|_| NativeChoice::default()).collect();
+        if !stream {
+            // One entry per choice that accumulates the whole text.
+            choices
+                .iter_mut()
+                .for_each(|c| c.tokens.push(String::new()));
+        }
+        NativeShaper {
+            choices,
+            stream,
+            with_logprobs,
+            prompt_tokens,
+            batch_size: BatchSize::new(batching),
+            batch_count: 0,
+            pending_finish: false,
+        }
     }
-    while let Some((index, event)) = generation.next(cancel).await? {
-        let choice = &mut choices[index];
+
+    /// Takes one event of choice `index`; returns an item when a stream batch is full.
+    ///
+    /// # Errors
+    /// The sequence failed or was cancelled by the engine ([`check_summary`]).
+    fn on_event(&mut self, index: usize, event: SeqEvent) -> Result<Option<Value>, JobError> {
+        let choice = &mut self.choices[index];
         match event {
-            SeqEvent::Delta { text, token_ids, logprobs } => {
+            SeqEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => {
                 choice.generated += token_ids.len();
-                if with_logprobs {
+                if self.with_logprobs {
                     choice.logprobs.extend(logprobs.iter().map(native_logprob));
                 }
-                if input.stream {
+                if self.stream {
                     choice.tokens.push(text);
-                    batch_count += token_ids.len().max(1);
+                    self.batch_count += token_ids.len().max(1);
                 } else if let Some(whole) = choice.tokens.first_mut() {
                     whole.push_str(&text);
                 }
@@ -239,19 +281,81 @@ pub(crate) async fn run_native(
                 check_summary(&summary)?;
                 choice.generated = choice.generated.max(summary.completion_tokens);
                 choice.finish_reason = Some(summary.finish_reason);
-                pending_finish = true;
+                self.pending_finish = true;
             }
         }
-        if input.stream && batch_size.is_full(batch_count) {
-            let item = native_item(&mut choices, prompt_tokens, with_logprobs);
+        if self.stream && self.batch_size.is_full(self.batch_count) {
+            self.batch_count = 0;
+            self.pending_finish = false;
+            self.batch_size.advance();
+            return Ok(Some(native_item(
+                &mut self.choices,
+                self.prompt_tokens,
+                self.with_logprobs,
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The last item, once every sequence finished (none when a stream has nothing left to say).
+    fn finish(mut self) -> Option<Value> {
+        (!self.stream || self.batch_count > 0 || self.pending_finish)
+            .then(|| native_item(&mut self.choices, self.prompt_tokens, self.with_logprobs))
+    }
+}
+
+/// Runs a native job (`prompt` / `messages`) and yields its items.
+pub(crate) async fn run_native(
+    ctx: &JobContext,
+    request_id: &str,
+    input: NativeInput,
+    sink: &mut ItemSink<'_>,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
+    let resolved = input
+        .sampling
+        .resolve(&ctx.limits, ctx.engine.info().vocab_size)?;
+    let options = ChatOptions {
+        add_generation_prompt: true,
+        ..ChatOptions::default()
+    };
+    let prompt_ids =
+        prepare_prompt(ctx, &input.prompt, options, resolved.truncate_prompt_tokens).await?;
+    let mut params = resolved.params;
+    params.max_tokens = fit_max_tokens(
+        input.sampling.max_tokens,
+        MaxTokensDefault::Fixed(100),
+        prompt_ids.len(),
+        params.min_tokens,
+        ctx.limits.max_model_len,
+    )?;
+    tracing::debug!(
+        prompt_tokens = prompt_ids.len(),
+        n = resolved.n,
+        max_tokens = params.max_tokens,
+        stream = input.stream,
+        "native job validated"
+    );
+    let batching = ctx.stream_defaults.with_overrides(
+        input.max_batch_size,
+        input.min_batch_size,
+        input.batch_size_growth_factor,
+    );
+    let mut shaper = NativeShaper::new(
+        resolved.n,
+        input.stream,
+        params.logprobs.is_some(),
+        prompt_ids.len(),
+        batching,
+    );
+    let specs = expand_n(&prompt_ids, &params, resolved.n);
+    let mut generation = Generation::start(&ctx.engine, request_id, specs, ctx.request_timeout)?;
+    while let Some((index, event)) = generation.next(cancel).await? {
+        if let Some(item) = shaper.on_event(index, event)? {
             sink.emit(item, cancel).await?;
-            batch_count = 0;
-            pending_finish = false;
-            batch_size.advance();
         }
     }
-    if !input.stream || batch_count > 0 || pending_finish {
-        let item = native_item(&mut choices, prompt_tokens, with_logprobs);
+    if let Some(item) = shaper.finish() {
         sink.emit(item, cancel).await?;
     }
     Ok(())
@@ -272,25 +376,118 @@ mod tests {
     #[test]
     fn native_item_carries_usage_finish_reason_and_resets() {
         let mut choices = vec![
-            NativeChoice { tokens: vec!["a".into(), "b".into()], generated: 2, finish_reason: Some(FinishReason::Length), ..Default::default() },
-            NativeChoice { tokens: vec!["c".into()], generated: 1, ..Default::default() },
+            NativeChoice {
+                tokens: vec!["a".into(), "b".into()],
+                generated: 2,
+                finish_reason: Some(FinishReason::Length),
+                ..Default::default()
+            },
+            NativeChoice {
+                tokens: vec!["c".into()],
+                generated: 1,
+                ..Default::default()
+            },
         ];
         let item = native_item(&mut choices, 5, false);
         assert_eq!(
             item,
             json!({"choices": [{"tokens": ["a", "b"], "finish_reason": "length"}, {"tokens": ["c"]}], "usage": {"input": 5, "output": 3}})
         );
-        assert!(choices.iter().all(|c| c.tokens.is_empty() && c.finish_reason.is_none()));
+        assert!(choices
+            .iter()
+            .all(|c| c.tokens.is_empty() && c.finish_reason.is_none()));
     }
 
     #[test]
     fn native_logprob_lists_chosen_and_top() {
-        let t = |id, lp| TokenLogprob { token_id: id, token: format!("t{id}"), logprob: lp };
-        let entry = native_logprob(&GeneratedToken { chosen: t(3, -0.5), top: vec![t(3, -0.5), t(4, -1.0)] });
+        let t = |id, lp| TokenLogprob {
+            token_id: id,
+            token: format!("t{id}"),
+            logprob: lp,
+        };
+        let entry = native_logprob(&GeneratedToken {
+            chosen: t(3, -0.5),
+            top: vec![t(3, -0.5), t(4, -1.0)],
+        });
         assert_eq!(
             entry,
             json!({"token": "t3", "token_id": 3, "logprob": -0.5, "top_logprobs": [
                 {"token": "t3", "token_id": 3, "logprob": -0.5}, {"token": "t4", "token_id": 4, "logprob": -1.0}]})
         );
+    }
+
+    fn delta(text: &str) -> SeqEvent {
+        SeqEvent::Delta {
+            text: text.into(),
+            token_ids: vec![1],
+            logprobs: Vec::new(),
+        }
+    }
+
+    fn finished(reason: FinishReason, completion_tokens: usize) -> SeqEvent {
+        SeqEvent::Finished(SeqSummary {
+            finish_reason: reason,
+            stop_match: None,
+            prompt_tokens: 3,
+            completion_tokens,
+            time_to_first_token: None,
+            time_per_output_token: None,
+            queue_time: std::time::Duration::ZERO,
+            error: None,
+        })
+    }
+
+    #[test]
+    fn shaper_streams_growing_batches_and_a_final_finish_item() {
+        let mut shaper = NativeShaper::new(1, true, false, 3, StreamBatching::default());
+        let mut items = Vec::new();
+        for i in 0..4 {
+            items.extend(shaper.on_event(0, delta(&i.to_string())).unwrap());
+        }
+        // Batches of 1 and 3 filled exactly; the finish comes after, in its own item.
+        items.extend(shaper.on_event(0, finished(FinishReason::Stop, 4)).unwrap());
+        items.extend(shaper.finish());
+        assert_eq!(
+            items,
+            vec![
+                json!({"choices": [{"tokens": ["0"]}], "usage": {"input": 3, "output": 1}}),
+                json!({"choices": [{"tokens": ["1", "2", "3"]}], "usage": {"input": 3, "output": 4}}),
+                json!({"choices": [{"tokens": [], "finish_reason": "stop"}], "usage": {"input": 3, "output": 4}}),
+            ]
+        );
+    }
+
+    #[test]
+    fn shaper_without_stream_yields_one_item_with_the_whole_text() {
+        let mut shaper = NativeShaper::new(2, false, false, 3, StreamBatching::default());
+        for (index, text) in [(0, "a"), (1, "x"), (0, "b")] {
+            assert_eq!(shaper.on_event(index, delta(text)).unwrap(), None);
+        }
+        shaper
+            .on_event(0, finished(FinishReason::Length, 2))
+            .unwrap();
+        shaper.on_event(1, finished(FinishReason::Stop, 1)).unwrap();
+        assert_eq!(
+            shaper.finish(),
+            Some(
+                json!({"choices": [{"tokens": ["ab"], "finish_reason": "length"}, {"tokens": ["x"], "finish_reason": "stop"}],
+                "usage": {"input": 3, "output": 3}})
+            )
+        );
+    }
+
+    #[test]
+    fn shaper_fails_the_job_when_a_sequence_fails() {
+        let mut shaper = NativeShaper::new(1, true, false, 3, StreamBatching::default());
+        let failed = SeqEvent::Finished(SeqSummary {
+            error: Some("boom".into()),
+            ..match finished(FinishReason::Error, 0) {
+                SeqEvent::Finished(s) => s,
+                SeqEvent::Delta { .. } => unreachable!(),
+            }
+        });
+        let err = shaper.on_event(0, failed).unwrap_err();
+        assert_eq!(err.error_type(), "generation");
+        assert!(err.to_string().contains("boom"));
     }
 }

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::engine::{EngineError, EngineHandle, GenerateRequest, SamplingParams, SeqEvent, SeqEvents};
+use crate::engine::{
+    EngineError, EngineHandle, GenerateRequest, SamplingParams, SeqEvent, SeqEvents,
+};
 use crate::error::JobError;
 
 /// Stream chunking settings (worker-vllm `DEFAULT_BATCH_SIZE`, `DEFAULT_MIN_BATCH_SIZE`,
@@ -31,7 +33,11 @@ pub struct StreamBatching {
 
 impl Default for StreamBatching {
     fn default() -> Self {
-        StreamBatching { max_batch_size: 50, min_batch_size: 1, growth_factor: 3.0 }
+        StreamBatching {
+            max_batch_size: 50,
+            min_batch_size: 1,
+            growth_factor: 3.0,
+        }
     }
 }
 
@@ -46,7 +52,12 @@ impl StreamBatching {
     }
 
     /// These settings with a job's overrides applied.
-    pub fn with_overrides(self, max: Option<usize>, min: Option<usize>, growth: Option<f64>) -> StreamBatching {
+    pub fn with_overrides(
+        self,
+        max: Option<usize>,
+        min: Option<usize>,
+        growth: Option<f64>,
+    ) -> StreamBatching {
         StreamBatching {
             max_batch_size: max.unwrap_or(self.max_batch_size),
             min_batch_size: min.unwrap_or(self.min_batch_size),
@@ -70,8 +81,16 @@ impl BatchSize {
         let dynamic = settings.growth_factor > 1.0
             && settings.min_batch_size >= 1
             && settings.max_batch_size > settings.min_batch_size;
-        let current = if dynamic { settings.min_batch_size } else { settings.max_batch_size } as f64;
-        BatchSize { settings, dynamic, current }
+        let current = if dynamic {
+            settings.min_batch_size
+        } else {
+            settings.max_batch_size
+        } as f64;
+        BatchSize {
+            settings,
+            dynamic,
+            current,
+        }
     }
 
     /// Whether a chunk holding `count` tokens is full.
@@ -82,7 +101,8 @@ impl BatchSize {
     /// Moves to the next chunk size (after a chunk was emitted).
     pub fn advance(&mut self) {
         if self.dynamic {
-            self.current = (self.current * self.settings.growth_factor).min(self.settings.max_batch_size as f64);
+            self.current = (self.current * self.settings.growth_factor)
+                .min(self.settings.max_batch_size as f64);
         }
     }
 }
@@ -103,7 +123,10 @@ pub fn expand_n(prompt_ids: &[u32], params: &SamplingParams, n: usize) -> Vec<Se
         .map(|i| {
             let mut params = params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            SeqSpec { prompt_ids: prompt_ids.to_vec(), params }
+            SeqSpec {
+                prompt_ids: prompt_ids.to_vec(),
+                params,
+            }
         })
         .collect()
 }
@@ -112,7 +135,10 @@ pub fn expand_n(prompt_ids: &[u32], params: &SamplingParams, n: usize) -> Vec<Se
 pub fn engine_error(err: EngineError) -> JobError {
     match err {
         EngineError::Overloaded { .. } => JobError::Overloaded(err.to_string()),
-        EngineError::PromptTooLong { prompt_tokens, max_model_len } => JobError::Validation(format!(
+        EngineError::PromptTooLong {
+            prompt_tokens,
+            max_model_len,
+        } => JobError::Validation(format!(
             "`prompt` must have less than {max_model_len} tokens. Given: {prompt_tokens}"
         )),
         EngineError::Stopped | EngineError::Model(_) => JobError::Engine(err.to_string()),
@@ -135,18 +161,32 @@ impl Generation {
     ///
     /// # Errors
     /// [`JobError::Overloaded`], [`JobError::Validation`] (prompt too long), [`JobError::Engine`].
-    pub fn start(engine: &EngineHandle, request_id: &str, specs: Vec<SeqSpec>, timeout: Duration) -> Result<Generation, JobError> {
+    pub fn start(
+        engine: &EngineHandle,
+        request_id: &str,
+        specs: Vec<SeqSpec>,
+        timeout: Duration,
+    ) -> Result<Generation, JobError> {
         let many = specs.len() > 1;
         let mut receivers = Vec::with_capacity(specs.len());
         for (i, spec) in specs.into_iter().enumerate() {
             let request = GenerateRequest {
-                request_id: if many { format!("{request_id}-{i}") } else { request_id.to_string() },
+                request_id: if many {
+                    format!("{request_id}-{i}")
+                } else {
+                    request_id.to_string()
+                },
                 prompt_ids: spec.prompt_ids,
                 params: spec.params,
             };
             receivers.push(Some(engine.submit(request).map_err(engine_error)?));
         }
-        Ok(Generation { receivers, next_poll: 0, deadline: Instant::now() + timeout, timeout })
+        Ok(Generation {
+            receivers,
+            next_poll: 0,
+            deadline: Instant::now() + timeout,
+            timeout,
+        })
     }
 
     /// Number of sequences.
@@ -170,7 +210,10 @@ impl Generation {
     /// [`JobError::Cancelled`] when `cancel` fires, [`JobError::Timeout`] past the deadline,
     /// [`JobError::Engine`] when a sequence's channel closes without a `Finished` event. In every
     /// case the remaining sequences are cancelled.
-    pub async fn next(&mut self, cancel: &CancellationToken) -> Result<Option<(usize, SeqEvent)>, JobError> {
+    pub async fn next(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(usize, SeqEvent)>, JobError> {
         if self.receivers.iter().all(Option::is_none) {
             return Ok(None);
         }
@@ -189,11 +232,16 @@ impl Generation {
         outcome.map(Some)
     }
 
-    fn poll_any(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(usize, SeqEvent), JobError>> {
+    fn poll_any(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(usize, SeqEvent), JobError>> {
         let count = self.receivers.len();
         for offset in 0..count {
             let index = (self.next_poll + offset) % count;
-            let Some(receiver) = self.receivers[index].as_mut() else { continue };
+            let Some(receiver) = self.receivers[index].as_mut() else {
+                continue;
+            };
             match receiver.poll_recv(cx) {
                 Poll::Ready(Some(event)) => {
                     if matches!(event, SeqEvent::Finished(_)) {
@@ -231,14 +279,25 @@ mod tests {
 
     #[test]
     fn default_batches_grow_one_three_nine_to_fifty() {
-        assert_eq!(sizes(StreamBatching::default(), 6), vec![1.0, 3.0, 9.0, 27.0, 50.0, 50.0]);
+        assert_eq!(
+            sizes(StreamBatching::default(), 6),
+            vec![1.0, 3.0, 9.0, 27.0, 50.0, 50.0]
+        );
     }
 
     #[test]
     fn batching_is_fixed_when_not_dynamic() {
-        let fixed = StreamBatching { max_batch_size: 4, min_batch_size: 4, growth_factor: 3.0 };
+        let fixed = StreamBatching {
+            max_batch_size: 4,
+            min_batch_size: 4,
+            growth_factor: 3.0,
+        };
         assert_eq!(sizes(fixed, 3), vec![4.0, 4.0, 4.0]);
-        let no_growth = StreamBatching { max_batch_size: 8, min_batch_size: 1, growth_factor: 1.0 };
+        let no_growth = StreamBatching {
+            max_batch_size: 8,
+            min_batch_size: 1,
+            growth_factor: 1.0,
+        };
         assert_eq!(sizes(no_growth, 2), vec![8.0, 8.0]);
         let b = BatchSize::new(StreamBatching::default());
         assert!(!b.is_full(0));
@@ -247,7 +306,10 @@ mod tests {
 
     #[test]
     fn expand_n_offsets_seeds() {
-        let params = SamplingParams { seed: Some(7), ..SamplingParams::default() };
+        let params = SamplingParams {
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
         let specs = expand_n(&[1, 2], &params, 3);
         let seeds: Vec<_> = specs.iter().map(|s| s.params.seed).collect();
         assert_eq!(seeds, vec![Some(7), Some(8), Some(9)]);
@@ -257,10 +319,22 @@ mod tests {
 
     #[test]
     fn engine_errors_map_to_job_errors() {
-        assert_eq!(engine_error(EngineError::Overloaded { capacity: 4 }).error_type(), "overloaded");
-        let too_long = engine_error(EngineError::PromptTooLong { prompt_tokens: 9, max_model_len: 8 });
+        assert_eq!(
+            engine_error(EngineError::Overloaded { capacity: 4 }).error_type(),
+            "overloaded"
+        );
+        let too_long = engine_error(EngineError::PromptTooLong {
+            prompt_tokens: 9,
+            max_model_len: 8,
+        });
         assert_eq!(too_long.error_type(), "validation");
-        assert_eq!(too_long.to_string(), "`prompt` must have less than 8 tokens. Given: 9");
-        assert_eq!(engine_error(EngineError::Stopped).error_type(), "generation");
+        assert_eq!(
+            too_long.to_string(),
+            "`prompt` must have less than 8 tokens. Given: 9"
+        );
+        assert_eq!(
+            engine_error(EngineError::Stopped).error_type(),
+            "generation"
+        );
     }
 }

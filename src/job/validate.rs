@@ -54,7 +54,10 @@ impl JobLimits {
     pub fn from_config(config: &Config, max_model_len: usize) -> JobLimits {
         // ~16 bytes per token is generous for any tokenizer and language, and still bounds the
         // tokenizer's input (reliability-security 1b).
-        let max_prompt_bytes = max_model_len.saturating_mul(16).clamp(64 * 1024, config.max_request_bytes.max(1));
+        let max_prompt_bytes = max_model_len
+            .saturating_mul(16)
+            .max(64 * 1024)
+            .min(config.max_request_bytes.max(1));
         JobLimits {
             max_payload_bytes: config.max_request_bytes,
             max_json_depth: MAX_JSON_DEPTH,
@@ -236,6 +239,57 @@ pub fn normalize_messages(messages: &Value, limits: &JobLimits) -> Result<Value,
     Ok(Value::Array(out))
 }
 
+/// The model's own sampling defaults from `generation_config.json`, which vLLM's OpenAI server applies
+/// to every field a request leaves out (`--generation-config auto`): `temperature`, `top_p`, `top_k`,
+/// `min_p`, `repetition_penalty`, and `max_new_tokens` as a cap on `max_tokens`. worker-vllm's native
+/// path does not use them, so only the OpenAI routes do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSamplingDefaults {
+    /// `temperature`.
+    pub temperature: Option<f64>,
+    /// `top_p`.
+    pub top_p: Option<f64>,
+    /// `top_k`.
+    pub top_k: Option<i64>,
+    /// `min_p`.
+    pub min_p: Option<f64>,
+    /// `repetition_penalty`.
+    pub repetition_penalty: Option<f64>,
+    /// `max_new_tokens`: the most tokens any request generates.
+    pub max_new_tokens: Option<usize>,
+}
+
+impl ModelSamplingDefaults {
+    /// Reads the fields vLLM reads from a parsed `generation_config.json`; others are ignored.
+    pub fn from_generation_config(config: &Value) -> ModelSamplingDefaults {
+        let float = |key: &str| config.get(key).and_then(Value::as_f64);
+        ModelSamplingDefaults {
+            temperature: float("temperature"),
+            top_p: float("top_p"),
+            top_k: config.get("top_k").and_then(Value::as_i64),
+            min_p: float("min_p"),
+            repetition_penalty: float("repetition_penalty"),
+            max_new_tokens: config
+                .get("max_new_tokens")
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0),
+        }
+    }
+
+    /// `raw` with every sampling field it leaves out taken from these defaults.
+    pub fn fill(&self, raw: &RawSamplingParams) -> RawSamplingParams {
+        RawSamplingParams {
+            temperature: raw.temperature.or(self.temperature),
+            top_p: raw.top_p.or(self.top_p),
+            top_k: raw.top_k.or(self.top_k),
+            min_p: raw.min_p.or(self.min_p),
+            repetition_penalty: raw.repetition_penalty.or(self.repetition_penalty),
+            ..raw.clone()
+        }
+    }
+}
+
 /// How `max_tokens` is filled in when the request leaves it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaxTokensDefault {
@@ -262,9 +316,24 @@ fn validation(message: String) -> JobError {
 }
 
 /// Checks a float range `lo <op> x <op> hi` and returns it as `f32`.
-fn in_range(name: &str, value: f64, lo: f64, lo_inclusive: bool, hi: f64, hi_inclusive: bool) -> Result<f32, JobError> {
-    let lo_ok = if lo_inclusive { value >= lo } else { value > lo };
-    let hi_ok = if hi_inclusive { value <= hi } else { value < hi };
+fn in_range(
+    name: &str,
+    value: f64,
+    lo: f64,
+    lo_inclusive: bool,
+    hi: f64,
+    hi_inclusive: bool,
+) -> Result<f32, JobError> {
+    let lo_ok = if lo_inclusive {
+        value >= lo
+    } else {
+        value > lo
+    };
+    let hi_ok = if hi_inclusive {
+        value <= hi
+    } else {
+        value < hi
+    };
     if lo_ok && hi_ok && value.is_finite() {
         Ok(value as f32)
     } else {
@@ -282,11 +351,20 @@ impl RawSamplingParams {
     ///
     /// # Errors
     /// [`JobError::Validation`] naming the field, the limit and the value.
-    pub fn resolve(&self, limits: &JobLimits, vocab_size: usize) -> Result<ResolvedSampling, JobError> {
+    pub fn resolve(
+        &self,
+        limits: &JobLimits,
+        vocab_size: usize,
+    ) -> Result<ResolvedSampling, JobError> {
         let n = match self.n {
             None => 1,
             Some(n) if n >= 1 && (n as u64) <= limits.max_n as u64 => n as usize,
-            Some(n) => return Err(validation(format!("`n` must be >= 1 and <= {}. Given: {n}", limits.max_n))),
+            Some(n) => {
+                return Err(validation(format!(
+                    "`n` must be >= 1 and <= {}. Given: {n}",
+                    limits.max_n
+                )))
+            }
         };
         if let Some(best_of) = self.best_of {
             if best_of != n as i64 && best_of != 1 || best_of < 1 {
@@ -297,12 +375,20 @@ impl RawSamplingParams {
         }
         let temperature = match self.temperature {
             None => 1.0,
-            Some(t) if t.is_finite() && t >= 0.0 && t <= 100.0 => t as f32,
-            Some(t) => return Err(validation(format!("`temperature` must be >= 0.0 and <= 100.0. Given: {t}"))),
+            Some(t) if (0.0..=100.0).contains(&t) => t as f32,
+            Some(t) => {
+                return Err(validation(format!(
+                    "`temperature` must be >= 0.0 and <= 100.0. Given: {t}"
+                )))
+            }
         };
         // vLLM treats temperatures below 1e-5 as greedy.
         let temperature = if temperature < 1e-5 { 0.0 } else { temperature };
-        let top_p = self.top_p.map(|p| in_range("top_p", p, 0.0, false, 1.0, true)).transpose()?.unwrap_or(1.0);
+        let top_p = self
+            .top_p
+            .map(|p| in_range("top_p", p, 0.0, false, 1.0, true))
+            .transpose()?
+            .unwrap_or(1.0);
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k >= 1 => (k as u64).min(vocab_size.max(1) as u64) as usize,
@@ -312,16 +398,30 @@ impl RawSamplingParams {
                 )))
             }
         };
-        let min_p = self.min_p.map(|p| in_range("min_p", p, 0.0, true, 1.0, true)).transpose()?.unwrap_or(0.0);
+        let min_p = self
+            .min_p
+            .map(|p| in_range("min_p", p, 0.0, true, 1.0, true))
+            .transpose()?
+            .unwrap_or(0.0);
         let repetition_penalty = match self.repetition_penalty {
             None => 1.0,
             Some(r) if r.is_finite() && r > 0.0 && r <= 100.0 => r as f32,
-            Some(r) => return Err(validation(format!("`repetition_penalty` must be > 0.0 and <= 100.0. Given: {r}"))),
+            Some(r) => {
+                return Err(validation(format!(
+                    "`repetition_penalty` must be > 0.0 and <= 100.0. Given: {r}"
+                )))
+            }
         };
-        let presence_penalty =
-            self.presence_penalty.map(|p| in_range("presence_penalty", p, -2.0, true, 2.0, true)).transpose()?.unwrap_or(0.0);
-        let frequency_penalty =
-            self.frequency_penalty.map(|p| in_range("frequency_penalty", p, -2.0, true, 2.0, true)).transpose()?.unwrap_or(0.0);
+        let presence_penalty = self
+            .presence_penalty
+            .map(|p| in_range("presence_penalty", p, -2.0, true, 2.0, true))
+            .transpose()?
+            .unwrap_or(0.0);
+        let frequency_penalty = self
+            .frequency_penalty
+            .map(|p| in_range("frequency_penalty", p, -2.0, true, 2.0, true))
+            .transpose()?
+            .unwrap_or(0.0);
         let stop = self.stop.clone().unwrap_or_default();
         if stop.len() > limits.max_stop_sequences {
             return Err(validation(format!(
@@ -367,7 +467,10 @@ impl RawSamplingParams {
             // vLLM: -1 means "the whole vocabulary", which max_logprobs forbids anyway.
             Some(l) if l >= 0 && (l as u64) <= limits.max_logprobs as u64 => Some(l as usize),
             Some(l) => {
-                return Err(validation(format!("`logprobs` must be >= 0 and <= {}. Given: {l}", limits.max_logprobs)))
+                return Err(validation(format!(
+                    "`logprobs` must be >= 0 and <= {}. Given: {l}",
+                    limits.max_logprobs
+                )))
             }
         };
         let min_tokens = match self.min_tokens {
@@ -382,7 +485,9 @@ impl RawSamplingParams {
         };
         if let Some(max) = self.max_tokens {
             if max < 1 {
-                return Err(validation(format!("`max_tokens` must be at least 1. Given: {max}")));
+                return Err(validation(format!(
+                    "`max_tokens` must be at least 1. Given: {max}"
+                )));
             }
             if min_tokens as i64 > max {
                 return Err(validation(format!(
@@ -419,7 +524,11 @@ impl RawSamplingParams {
             logprobs,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
         };
-        Ok(ResolvedSampling { params, n, truncate_prompt_tokens })
+        Ok(ResolvedSampling {
+            params,
+            n,
+            truncate_prompt_tokens,
+        })
     }
 }
 
@@ -436,7 +545,9 @@ pub fn fit_max_tokens(
     max_model_len: usize,
 ) -> Result<usize, JobError> {
     if prompt_tokens == 0 {
-        return Err(validation("`prompt` cannot be empty (it encodes to no tokens)".into()));
+        return Err(validation(
+            "`prompt` cannot be empty (it encodes to no tokens)".into(),
+        ));
     }
     if prompt_tokens >= max_model_len {
         return Err(validation(format!(
@@ -486,13 +597,22 @@ mod tests {
     fn defaults_follow_vllm() {
         let r = resolve(json!({})).unwrap();
         assert_eq!(r.n, 1);
-        assert_eq!(r.params, SamplingParams { max_tokens: 0, ..SamplingParams::default() });
+        assert_eq!(
+            r.params,
+            SamplingParams {
+                max_tokens: 0,
+                ..SamplingParams::default()
+            }
+        );
     }
 
     #[test]
     fn maps_vllm_values_onto_engine_params() {
-        let r = resolve(json!({"temperature": 0.000001, "top_k": -1, "seed": -1, "n": 3, "best_of": 3,
-            "stop": ["a", "b"], "stop_token_ids": [5], "logprobs": 2, "min_tokens": 2})).unwrap();
+        let r = resolve(
+            json!({"temperature": 0.000001, "top_k": -1, "seed": -1, "n": 3, "best_of": 3,
+            "stop": ["a", "b"], "stop_token_ids": [5], "logprobs": 2, "min_tokens": 2}),
+        )
+        .unwrap();
         assert_eq!(r.params.temperature, 0.0);
         assert_eq!(r.params.top_k, 0);
         assert_eq!(r.params.seed, Some(u64::MAX));
@@ -506,42 +626,145 @@ mod tests {
 
     #[test]
     fn range_errors_name_field_limit_and_value() {
-        assert_eq!(message(resolve(json!({"top_p": 1.5}))), "`top_p` must be > 0.0 and <= 1.0. Given: 1.5");
-        assert_eq!(message(resolve(json!({"top_p": 0}))), "`top_p` must be > 0.0 and <= 1.0. Given: 0");
-        assert_eq!(message(resolve(json!({"temperature": -1}))), "`temperature` must be >= 0.0 and <= 100.0. Given: -1");
-        assert_eq!(message(resolve(json!({"top_k": -2}))), "`top_k` must be -1 (disable), 0 (disable) or at least 1. Given: -2");
-        assert_eq!(message(resolve(json!({"min_p": 2}))), "`min_p` must be >= 0.0 and <= 1.0. Given: 2");
-        assert_eq!(message(resolve(json!({"repetition_penalty": 0}))), "`repetition_penalty` must be > 0.0 and <= 100.0. Given: 0");
-        assert_eq!(message(resolve(json!({"presence_penalty": 3}))), "`presence_penalty` must be >= -2.0 and <= 2.0. Given: 3");
-        assert_eq!(message(resolve(json!({"frequency_penalty": -2.5}))), "`frequency_penalty` must be >= -2.0 and <= 2.0. Given: -2.5");
-        assert_eq!(message(resolve(json!({"n": 17}))), "`n` must be >= 1 and <= 16. Given: 17");
-        assert_eq!(message(resolve(json!({"n": 0}))), "`n` must be >= 1 and <= 16. Given: 0");
-        assert_eq!(message(resolve(json!({"logprobs": 21}))), "`logprobs` must be >= 0 and <= 20. Given: 21");
-        assert_eq!(message(resolve(json!({"max_tokens": 0}))), "`max_tokens` must be at least 1. Given: 0");
-        assert_eq!(message(resolve(json!({"stop_token_ids": [1000]}))), "`stop_token_ids` must be >= 0 and < 1000 (the vocabulary size). Given: 1000");
-        assert!(message(resolve(json!({"best_of": 4}))).starts_with("`best_of` != `n` is not supported"));
-        assert!(message(resolve(json!({"min_tokens": 5, "max_tokens": 4}))).starts_with("`min_tokens` must be <= `max_tokens`"));
+        assert_eq!(
+            message(resolve(json!({"top_p": 1.5}))),
+            "`top_p` must be > 0.0 and <= 1.0. Given: 1.5"
+        );
+        assert_eq!(
+            message(resolve(json!({"top_p": 0}))),
+            "`top_p` must be > 0.0 and <= 1.0. Given: 0"
+        );
+        assert_eq!(
+            message(resolve(json!({"temperature": -1}))),
+            "`temperature` must be >= 0.0 and <= 100.0. Given: -1"
+        );
+        assert_eq!(
+            message(resolve(json!({"top_k": -2}))),
+            "`top_k` must be -1 (disable), 0 (disable) or at least 1. Given: -2"
+        );
+        assert_eq!(
+            message(resolve(json!({"min_p": 2}))),
+            "`min_p` must be >= 0.0 and <= 1.0. Given: 2"
+        );
+        assert_eq!(
+            message(resolve(json!({"repetition_penalty": 0}))),
+            "`repetition_penalty` must be > 0.0 and <= 100.0. Given: 0"
+        );
+        assert_eq!(
+            message(resolve(json!({"presence_penalty": 3}))),
+            "`presence_penalty` must be >= -2.0 and <= 2.0. Given: 3"
+        );
+        assert_eq!(
+            message(resolve(json!({"frequency_penalty": -2.5}))),
+            "`frequency_penalty` must be >= -2.0 and <= 2.0. Given: -2.5"
+        );
+        assert_eq!(
+            message(resolve(json!({"n": 17}))),
+            "`n` must be >= 1 and <= 16. Given: 17"
+        );
+        assert_eq!(
+            message(resolve(json!({"n": 0}))),
+            "`n` must be >= 1 and <= 16. Given: 0"
+        );
+        assert_eq!(
+            message(resolve(json!({"logprobs": 21}))),
+            "`logprobs` must be >= 0 and <= 20. Given: 21"
+        );
+        assert_eq!(
+            message(resolve(json!({"max_tokens": 0}))),
+            "`max_tokens` must be at least 1. Given: 0"
+        );
+        assert_eq!(
+            message(resolve(json!({"stop_token_ids": [1000]}))),
+            "`stop_token_ids` must be >= 0 and < 1000 (the vocabulary size). Given: 1000"
+        );
+        assert!(message(resolve(json!({"best_of": 4})))
+            .starts_with("`best_of` != `n` is not supported"));
+        assert!(message(resolve(json!({"min_tokens": 5, "max_tokens": 4})))
+            .starts_with("`min_tokens` must be <= `max_tokens`"));
     }
 
     #[test]
     fn stop_strings_are_bounded() {
         let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
-        assert_eq!(message(resolve(json!({"stop": many}))), "`stop` supports up to 16 stop sequences. Given: 17");
+        assert_eq!(
+            message(resolve(json!({"stop": many}))),
+            "`stop` supports up to 16 stop sequences. Given: 17"
+        );
         let long = "x".repeat(257);
-        assert_eq!(message(resolve(json!({"stop": long}))), "`stop` strings must be at most 256 bytes. Given: 257 bytes");
-        assert_eq!(message(resolve(json!({"stop": [""]}))), "`stop` strings cannot be empty");
+        assert_eq!(
+            message(resolve(json!({"stop": long}))),
+            "`stop` strings must be at most 256 bytes. Given: 257 bytes"
+        );
+        assert_eq!(
+            message(resolve(json!({"stop": [""]}))),
+            "`stop` strings cannot be empty"
+        );
+    }
+
+    #[test]
+    fn prompt_bytes_limit_follows_context_and_payload_limits() {
+        let config = Config::for_test();
+        assert_eq!(
+            JobLimits::from_config(&config, 2048).max_prompt_bytes,
+            64 * 1024
+        );
+        assert_eq!(
+            JobLimits::from_config(&config, 131_072).max_prompt_bytes,
+            2 * 1024 * 1024
+        );
+        let tiny = Config {
+            max_request_bytes: 1000,
+            ..Config::for_test()
+        };
+        assert_eq!(JobLimits::from_config(&tiny, 2048).max_prompt_bytes, 1000);
     }
 
     #[test]
     fn max_tokens_fits_the_context() {
-        assert_eq!(fit_max_tokens(None, MaxTokensDefault::Fixed(100), 10, 0, 2048).unwrap(), 100);
-        assert_eq!(fit_max_tokens(None, MaxTokensDefault::Fixed(100), 2000, 0, 2048).unwrap(), 48);
-        assert_eq!(fit_max_tokens(None, MaxTokensDefault::RemainingContext, 48, 0, 2048).unwrap(), 2000);
-        let err = fit_max_tokens(Some(100), MaxTokensDefault::Fixed(16), 2000, 0, 2048).unwrap_err();
+        assert_eq!(
+            fit_max_tokens(None, MaxTokensDefault::Fixed(100), 10, 0, 2048).unwrap(),
+            100
+        );
+        assert_eq!(
+            fit_max_tokens(None, MaxTokensDefault::Fixed(100), 2000, 0, 2048).unwrap(),
+            48
+        );
+        assert_eq!(
+            fit_max_tokens(None, MaxTokensDefault::RemainingContext, 48, 0, 2048).unwrap(),
+            2000
+        );
+        let err =
+            fit_max_tokens(Some(100), MaxTokensDefault::Fixed(16), 2000, 0, 2048).unwrap_err();
         assert_eq!(err.to_string(), "`prompt` tokens + `max_tokens` must be <= 2048. Given: 2000 `prompt` tokens and 100 `max_tokens`");
         let err = fit_max_tokens(None, MaxTokensDefault::Fixed(16), 2048, 0, 2048).unwrap_err();
-        assert_eq!(err.to_string(), "`prompt` must have less than 2048 tokens. Given: 2048");
+        assert_eq!(
+            err.to_string(),
+            "`prompt` must have less than 2048 tokens. Given: 2048"
+        );
         assert_eq!(err.error_type(), "validation");
+    }
+
+    #[test]
+    fn model_defaults_fill_only_missing_fields() {
+        let defaults = ModelSamplingDefaults::from_generation_config(&json!({
+            "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+            "max_new_tokens": 512, "do_sample": true, "eos_token_id": [1]}));
+        assert_eq!(defaults.max_new_tokens, Some(512));
+        let raw = RawSamplingParams {
+            temperature: Some(0.0),
+            ..RawSamplingParams::default()
+        };
+        let filled = defaults.fill(&raw);
+        assert_eq!(filled.temperature, Some(0.0));
+        assert_eq!(filled.top_p, Some(0.8));
+        assert_eq!(filled.top_k, Some(20));
+        assert_eq!(filled.repetition_penalty, Some(1.05));
+        assert_eq!(filled.min_p, None);
+        assert_eq!(
+            ModelSamplingDefaults::from_generation_config(&json!({})),
+            ModelSamplingDefaults::default()
+        );
     }
 
     #[test]
@@ -552,10 +775,20 @@ mod tests {
             deep = json!([deep]);
         }
         let err = check_json_limits(&json!({"prompt": deep}), &limits).unwrap_err();
-        assert!(err.to_string().starts_with("`input` must be nested at most 64 levels deep"), "{err}");
-        let small = JobLimits { max_payload_bytes: 10, ..limits.clone() };
+        assert!(
+            err.to_string()
+                .starts_with("`input` must be nested at most 64 levels deep"),
+            "{err}"
+        );
+        let small = JobLimits {
+            max_payload_bytes: 10,
+            ..limits.clone()
+        };
         let err = check_json_limits(&json!({"prompt": "hello world"}), &small).unwrap_err();
-        assert_eq!(err.to_string(), "`input` must be at most 10 bytes. Given: 24 bytes");
+        assert_eq!(
+            err.to_string(),
+            "`input` must be at most 10 bytes. Given: 24 bytes"
+        );
         check_json_limits(&json!({"prompt": "hello"}), &limits).unwrap();
     }
 
@@ -566,13 +799,38 @@ mod tests {
         assert_eq!(out, json!([{"role": "user", "content": "a\nb"}]));
         let err = normalize_messages(&json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), &limits).unwrap_err();
         assert!(err.to_string().contains("image_url"), "{err}");
-        assert_eq!(normalize_messages(&json!([]), &limits).unwrap_err().to_string(), "`messages` cannot be empty");
+        assert_eq!(
+            normalize_messages(&json!([]), &limits)
+                .unwrap_err()
+                .to_string(),
+            "`messages` cannot be empty"
+        );
         let err = normalize_messages(&json!([{"content": "x"}]), &limits).unwrap_err();
-        assert_eq!(err.to_string(), "`messages[0].role` must be a non-empty string. Given: nothing");
-        let few = JobLimits { max_messages: 1, ..limits.clone() };
-        let err = normalize_messages(&json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), &few).unwrap_err();
-        assert_eq!(err.to_string(), "`messages` must have at most 1 messages. Given: 2");
-        let tiny = JobLimits { max_prompt_bytes: 10, ..limits };
-        assert!(normalize_messages(&json!([{"role": "user", "content": "a long message"}]), &tiny).is_err());
+        assert_eq!(
+            err.to_string(),
+            "`messages[0].role` must be a non-empty string. Given: nothing"
+        );
+        let few = JobLimits {
+            max_messages: 1,
+            ..limits.clone()
+        };
+        let err = normalize_messages(
+            &json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
+            &few,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`messages` must have at most 1 messages. Given: 2"
+        );
+        let tiny = JobLimits {
+            max_prompt_bytes: 10,
+            ..limits
+        };
+        assert!(normalize_messages(
+            &json!([{"role": "user", "content": "a long message"}]),
+            &tiny
+        )
+        .is_err());
     }
 }

@@ -41,7 +41,10 @@ pub fn select_source(tokenizer_config: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(source) if !source.trim().is_empty() => Some(source.clone()),
         serde_json::Value::Array(entries) => {
             let template_of = |entry: &serde_json::Value| {
-                entry.get("template").and_then(|t| t.as_str()).map(str::to_string)
+                entry
+                    .get("template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
             };
             entries
                 .iter()
@@ -53,6 +56,61 @@ pub fn select_source(tokenizer_config: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Largest template file read from disk (`chat_template.jinja` / `chat_template.json`).
+const MAX_TEMPLATE_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Finds a model's chat template the way transformers does: a `chat_template.jinja` file in the model
+/// directory wins, then `chat_template.json` (its `chat_template` entry), then `tokenizer_config.json`
+/// ([`select_source`]). Newer Hub repos keep the template only in `chat_template.jinja`.
+///
+/// # Errors
+/// [`TokenizerError::Load`] when a template file exists but cannot be read, is larger than 1 MiB or
+/// (for `chat_template.json`) is not JSON.
+pub fn find_source(
+    model_dir: Option<&std::path::Path>,
+    tokenizer_config: Option<&serde_json::Value>,
+) -> Result<Option<String>, TokenizerError> {
+    if let Some(dir) = model_dir {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = read_template_file(&jinja)?;
+            if !source.trim().is_empty() {
+                return Ok(Some(source));
+            }
+        }
+        let json = dir.join("chat_template.json");
+        if json.is_file() {
+            let text = read_template_file(&json)?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TokenizerError::Load(format!("chat_template.json: {e}")))?;
+            if let Some(source) = select_source(&value) {
+                return Ok(Some(source));
+            }
+        }
+    }
+    Ok(tokenizer_config.and_then(select_source))
+}
+
+fn read_template_file(path: &std::path::Path) -> Result<String, TokenizerError> {
+    use std::io::Read;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file =
+        std::fs::File::open(path).map_err(|e| TokenizerError::Load(format!("{name}: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| TokenizerError::Load(format!("{name}: {e}")))?;
+    if text.len() as u64 > MAX_TEMPLATE_FILE_BYTES {
+        return Err(TokenizerError::Load(format!(
+            "{name} is larger than {MAX_TEMPLATE_FILE_BYTES} bytes"
+        )));
+    }
+    Ok(text)
+}
+
 /// A compiled chat template. Compile once per model; rendering is `&self` and thread-safe.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -61,7 +119,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("source_bytes", &self.source().len()).finish()
+        f.debug_struct("ChatTemplate")
+            .field("source_bytes", &self.source().len())
+            .finish()
     }
 }
 
@@ -87,7 +147,8 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         let source = strip_generation_tags(&source);
-        env.add_template_owned(TEMPLATE_NAME, source.clone()).map_err(template_error)?;
+        env.add_template_owned(TEMPLATE_NAME, source.clone())
+            .map_err(template_error)?;
         Ok(ChatTemplate { env, source })
     }
 
@@ -127,10 +188,16 @@ impl ChatTemplate {
     /// # Errors
     /// As [`ChatTemplate::render`].
     pub fn render_with(&self, ctx: &RenderContext<'_>) -> Result<String, TokenizerError> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(template_error)?;
         let mut vars: Vec<(&str, Value)> = vec![
             ("messages", Value::from(Serde(ctx.messages))),
-            ("add_generation_prompt", Value::from(ctx.add_generation_prompt)),
+            (
+                "add_generation_prompt",
+                Value::from(ctx.add_generation_prompt),
+            ),
         ];
         if let Some(bos) = ctx.bos_token {
             vars.push(("bos_token", Value::from(bos)));
@@ -144,7 +211,10 @@ impl ChatTemplate {
         if let Some(enable_thinking) = ctx.enable_thinking {
             vars.push(("enable_thinking", Value::from(enable_thinking)));
         }
-        let context: Value = vars.into_iter().collect::<std::collections::BTreeMap<_, _>>().into();
+        let context: Value = vars
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
         let rendered = template.render(context).map_err(template_error)?;
         if rendered.len() > MAX_RENDERED_BYTES {
             return Err(TokenizerError::Template(format!(
@@ -185,7 +255,10 @@ impl crate::tokenizer::Tokenizer {
         messages: &serde_json::Value,
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self.chat_template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(TokenizerError::NoChatTemplate)?;
         template.render(
             messages,
             add_generation_prompt,
@@ -214,9 +287,12 @@ fn strip_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
         let tag = &rest[start..start + len + 2];
-        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let inner =
+            tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
         if inner != "generation" && inner != "endgeneration" {
             out.push_str(tag);
@@ -242,9 +318,29 @@ fn strftime_now(format: String) -> Result<Value, Error> {
     Ok(Value::from(format_utc(&format, secs)))
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// Civil date from days since 1970-01-01 (proleptic Gregorian; H. Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -265,7 +361,11 @@ fn format_utc(format: &str, secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let secs_of_day = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day % 3600 / 60, secs_of_day % 60);
+    let (hour, minute, second) = (
+        secs_of_day / 3600,
+        secs_of_day % 3600 / 60,
+        secs_of_day % 60,
+    );
     let weekday = WEEKDAYS[((days + 3).rem_euclid(7)) as usize]; // 1970-01-01 was a Thursday
     let month_name = MONTHS[(month - 1) as usize];
     let day_of_year = days - days_from_civil_year_start(year) + 1;
@@ -276,22 +376,37 @@ fn format_utc(format: &str, secs: u64) -> String {
             out.push(c);
             continue;
         }
-        match chars.next() {
+        // glibc's `%-d` (no padding) is common in templates; Python on Linux supports it.
+        let mut directive = chars.next();
+        let unpadded = directive == Some('-');
+        if unpadded {
+            directive = chars.next();
+        }
+        let number = |value: u64, width: usize| {
+            if unpadded {
+                value.to_string()
+            } else {
+                format!("{value:0width$}")
+            }
+        };
+        let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+        match directive {
             Some('a') => out.push_str(&weekday[..3]),
             Some('A') => out.push_str(weekday),
             Some('b') | Some('h') => out.push_str(&month_name[..3]),
             Some('B') => out.push_str(month_name),
-            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('d') => out.push_str(&number(u64::from(day), 2)),
+            Some('e') if unpadded => out.push_str(&day.to_string()),
             Some('e') => out.push_str(&format!("{day:2}")),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&number(u64::from(month), 2)),
+            Some('y') => out.push_str(&number(year.rem_euclid(100) as u64, 2)),
             Some('Y') => out.push_str(&year.to_string()),
-            Some('H') => out.push_str(&format!("{hour:02}")),
-            Some('I') => out.push_str(&format!("{:02}", if hour % 12 == 0 { 12 } else { hour % 12 })),
+            Some('H') => out.push_str(&number(hour, 2)),
+            Some('I') => out.push_str(&number(hour12, 2)),
             Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('M') => out.push_str(&format!("{minute:02}")),
-            Some('S') => out.push_str(&format!("{second:02}")),
-            Some('j') => out.push_str(&format!("{day_of_year:03}")),
+            Some('M') => out.push_str(&number(minute, 2)),
+            Some('S') => out.push_str(&number(second, 2)),
+            Some('j') => out.push_str(&number(day_of_year as u64, 3)),
             Some('F') => out.push_str(&format!("{year}-{month:02}-{day:02}")),
             Some('T') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
             Some('Z') => out.push_str("UTC"),
@@ -299,6 +414,9 @@ fn format_utc(format: &str, secs: u64) -> String {
             Some('%') => out.push('%'),
             Some(other) => {
                 out.push('%');
+                if unpadded {
+                    out.push('-');
+                }
                 out.push(other);
             }
             None => out.push('%'),
@@ -325,11 +443,27 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match v.kind() {
             ValueKind::Number => {
-                let n = i64::try_from(v.clone()).map_err(|_| Error::new(ErrorKind::InvalidOperation, "tojson: `indent` must be an integer"))?;
+                let n = i64::try_from(v.clone()).map_err(|_| {
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: `indent` must be an integer",
+                    )
+                })?;
                 Some(" ".repeat(n.clamp(0, MAX_TOJSON_INDENT as i64) as usize))
             }
-            ValueKind::String => Some(v.as_str().unwrap_or_default().chars().take(MAX_TOJSON_INDENT).collect()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: `indent` must be an integer or a string")),
+            ValueKind::String => Some(
+                v.as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(MAX_TOJSON_INDENT)
+                    .collect(),
+            ),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: `indent` must be an integer or a string",
+                ))
+            }
         },
     };
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
@@ -338,14 +472,29 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     kwargs.assert_all_used()?;
     let (item_sep, key_sep) = match separators {
         Some(seps) if seps.len() == 2 => (seps[0].clone(), seps[1].clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: `separators` must be a pair")),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: `separators` must be a pair",
+            ))
+        }
         // Python: with an indent, the item separator drops its trailing space.
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let json = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: cannot serialize value: {e}")))?;
-    let style = PyJsonStyle { indent, item_sep, key_sep, sort_keys, ensure_ascii };
+    let json = serde_json::to_value(&value).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: cannot serialize value: {e}"),
+        )
+    })?;
+    let style = PyJsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+        ensure_ascii,
+    };
     let mut out = String::new();
     write_py_json(&json, &style, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -448,17 +597,69 @@ mod tests {
     use serde_json::json;
 
     fn render(source: &str, messages: serde_json::Value) -> Result<String, TokenizerError> {
-        ChatTemplate::new(source.to_string())?.render(&messages, true, Some("<s>"), Some("</s>"), None)
+        ChatTemplate::new(source.to_string())?.render(
+            &messages,
+            true,
+            Some("<s>"),
+            Some("</s>"),
+            None,
+        )
     }
 
     #[test]
     fn select_source_takes_string_or_default_entry() {
-        assert_eq!(select_source(&json!({"chat_template": "x"})).as_deref(), Some("x"));
+        assert_eq!(
+            select_source(&json!({"chat_template": "x"})).as_deref(),
+            Some("x")
+        );
         let list = json!({"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]});
         assert_eq!(select_source(&list).as_deref(), Some("d"));
-        assert_eq!(select_source(&json!({"chat_template": [{"name": "rag", "template": "r"}]})).as_deref(), Some("r"));
+        assert_eq!(
+            select_source(&json!({"chat_template": [{"name": "rag", "template": "r"}]})).as_deref(),
+            Some("r")
+        );
         assert_eq!(select_source(&json!({"bos_token": "<s>"})), None);
         assert_eq!(select_source(&json!({"chat_template": ""})), None);
+    }
+
+    #[test]
+    fn find_source_prefers_jinja_then_json_then_tokenizer_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"chat_template": "from-config"});
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-config")
+        );
+        assert_eq!(find_source(None, None).unwrap(), None);
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "from-json"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-json")
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "from-jinja").unwrap();
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-jinja")
+        );
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "x".repeat(2 * 1024 * 1024),
+        )
+        .unwrap();
+        assert!(matches!(
+            find_source(Some(dir.path()), None),
+            Err(TokenizerError::Load(_))
+        ));
     }
 
     #[test]
@@ -469,8 +670,19 @@ mod tests {
             out,
             "{\"b\": [1, 2.5, true, null], \"a\": \"x\"}|{\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"a\": \"x\"\n}|\"a<b&c\\\"é\"|1.0"
         );
-        let out = render("{{ messages[0] | tojson(ensure_ascii=true, sort_keys=true) }}", json!([{"b": "é", "a": 1}])).unwrap();
+        let out = render(
+            "{{ messages[0] | tojson(ensure_ascii=true, sort_keys=true) }}",
+            json!([{"b": "é", "a": 1}]),
+        )
+        .unwrap();
         assert_eq!(out, "{\"a\": 1, \"b\": \"\\u00e9\"}");
+    }
+
+    #[test]
+    fn values_print_as_python_jinja2_prints_them() {
+        let src = "{{ none }}|{{ true }}|{{ messages[0].x }}|{{ [1, 'a', none] }}|{{ 1.0 }}";
+        let out = render(src, json!([{"x": null}])).unwrap();
+        assert_eq!(out, "None|True|None|[1, 'a', None]|1.0");
     }
 
     #[test]
@@ -506,13 +718,19 @@ mod tests {
 
     #[test]
     fn generation_tags_are_stripped() {
-        let out = render("{% generation %}{{ messages[0].content }}{%- endgeneration -%}", json!([{"content": "a"}])).unwrap();
+        let out = render(
+            "{% generation %}{{ messages[0].content }}{%- endgeneration -%}",
+            json!([{"content": "a"}]),
+        )
+        .unwrap();
         assert_eq!(out, "a");
     }
 
     #[test]
     fn undefined_bos_token_renders_empty() {
-        let t = ChatTemplate::new("[{{ bos_token }}]{% if bos_token is defined %}x{% endif %}".into()).unwrap();
+        let t =
+            ChatTemplate::new("[{{ bos_token }}]{% if bos_token is defined %}x{% endif %}".into())
+                .unwrap();
         assert_eq!(t.render(&json!([]), false, None, None, None).unwrap(), "[]");
     }
 
@@ -521,8 +739,18 @@ mod tests {
         // 2024-07-23 12:34:56 UTC, a Tuesday, day 205 of a leap year.
         let secs = 1_721_738_096;
         assert_eq!(format_utc("%d %b %Y", secs), "23 Jul 2024");
-        assert_eq!(format_utc("%A %B %e %H:%M:%S %j %y %% %q", secs), "Tuesday July 23 12:34:56 205 24 % %q");
+        assert_eq!(
+            format_utc("%A %B %e %H:%M:%S %j %y %% %q", secs),
+            "Tuesday July 23 12:34:56 205 24 % %q"
+        );
         assert_eq!(format_utc("%F %T", 0), "1970-01-01 00:00:00");
-        assert!(render("{{ strftime_now('%Y') }}", json!([])).unwrap().starts_with("20"));
+        // 2024-03-05 04:07:09 UTC.
+        assert_eq!(
+            format_utc("%-d %-m %-H:%-M:%-S %-j %e|%-e", 1_709_611_629),
+            "5 3 4:7:9 65  5|5"
+        );
+        assert!(render("{{ strftime_now('%Y') }}", json!([]))
+            .unwrap()
+            .starts_with("20"));
     }
 }

@@ -1,0 +1,441 @@
+//! The queue worker: the take loop (permits from a semaphore of `MAX_CONCURRENCY`, batch take when
+//! several slots are free, aborted on shutdown), one task per job (stream chunks in order, then the
+//! final post, with a fallback error post when the result cannot be delivered), the job-stop loop,
+//! the heartbeat, and the grace-bounded drain on shutdown (spec §4, §5, §7, §9; faults Q1-Q5, Q7, Q8).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use super::backoff::{Jitter, RetryPolicy};
+use super::client::{PlatformClient, QueueError, Timeouts};
+use super::job_task::{report_failure, run_job_task};
+use super::ping::Heartbeat;
+use super::table::JobTable;
+use super::urls::Endpoints;
+use super::wire::WorkerIdentity;
+use super::JobRunner;
+use crate::config::{Config, RunpodEnv};
+use crate::error::JobError;
+
+/// Largest job-done body we try to post; larger results are replaced by a small error (the
+/// platform answers 400 above its 20 MB `/runsync` limit).
+pub const MAX_RESULT_BYTES: usize = 20 * 1024 * 1024;
+/// Largest job-stream body (the platform's per-chunk limit is 1 MB).
+pub const MAX_STREAM_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Why the worker could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// A required variable is missing.
+    #[error("`{0}` is not set")]
+    Missing(&'static str),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] QueueError),
+    /// The heartbeat thread could not start.
+    #[error("heartbeat thread: {0}")]
+    Heartbeat(std::io::Error),
+}
+
+/// Tunables of the worker loop; [`WorkerSettings::from_config`] gives production values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSettings {
+    /// Jobs in flight at once (`MAX_CONCURRENCY`).
+    pub max_concurrency: usize,
+    /// On shutdown, how long in-flight jobs may take before they are reported failed
+    /// (`SHUTDOWN_GRACE_SECS`); the worker returns within this.
+    pub shutdown_grace: Duration,
+    /// Deadline of one job (`REQUEST_TIMEOUT_SECS`); past it the job fails with `timeout`.
+    pub job_timeout: Duration,
+    /// Request timeouts.
+    pub timeouts: Timeouts,
+    /// Retries of job-done posts.
+    pub result_retry: RetryPolicy,
+    /// Retries of job-stream posts.
+    pub stream_retry: RetryPolicy,
+    /// Waits after failed job-take / job-stop polls.
+    pub poll_retry: RetryPolicy,
+    /// Least pause after a 429 on job-take / job-stop (SDK: 5 s).
+    pub too_many_requests_pause: Duration,
+    /// Least time between two job-take polls that returned no job (guards against a platform
+    /// that answers 204 at once).
+    pub empty_poll_min_interval: Duration,
+    /// On shutdown, how long a pending job-take may still deliver an answer already on its way
+    /// (jobs in it are run and drained, not dropped) before the poll is aborted.
+    pub take_abort_window: Duration,
+    /// Pause after an empty job-stop answer (SDK: 1 s).
+    pub stop_poll_pause: Duration,
+    /// Largest job (input) in bytes; the take body cap is this times the batch size.
+    pub max_job_bytes: usize,
+    /// Streamed chunks buffered per job between the runner and the poster.
+    pub chunk_buffer: usize,
+}
+
+impl WorkerSettings {
+    /// Production settings from the worker configuration.
+    pub fn from_config(config: &Config) -> Self {
+        WorkerSettings {
+            max_concurrency: config.max_concurrency,
+            shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+            job_timeout: Duration::from_secs(config.request_timeout_secs),
+            timeouts: Timeouts::default(),
+            result_retry: RetryPolicy::RESULT,
+            stream_retry: RetryPolicy::STREAM,
+            poll_retry: RetryPolicy::POLL,
+            too_many_requests_pause: Duration::from_secs(5),
+            empty_poll_min_interval: Duration::from_millis(250),
+            take_abort_window: Duration::from_millis(100),
+            stop_poll_pause: Duration::from_secs(1),
+            max_job_bytes: config.max_request_bytes,
+            chunk_buffer: 64,
+        }
+    }
+}
+
+/// What a worker run did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Jobs received from job-take (duplicates included).
+    pub taken: u64,
+    /// Final results delivered with an output.
+    pub completed: u64,
+    /// Final results delivered with an error (including shutdown and fallback reports).
+    pub failed: u64,
+    /// Jobs cancelled by the job-stop channel (no result posted, as the SDK).
+    pub stopped: u64,
+    /// Deliveries of an id already in flight, not run twice.
+    pub duplicates: u64,
+    /// Jobs without `id` or `input`, or unparsable take answers.
+    pub malformed: u64,
+    /// Jobs reported failed because the shutdown grace ran out.
+    pub shutdown_failed: u64,
+    /// Results whose delivery failed even after the fallback error post (each one logged).
+    pub undelivered: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) taken: AtomicU64,
+    pub(super) completed: AtomicU64,
+    pub(super) failed: AtomicU64,
+    pub(super) stopped: AtomicU64,
+    pub(super) duplicates: AtomicU64,
+    pub(super) malformed: AtomicU64,
+    pub(super) shutdown_failed: AtomicU64,
+    pub(super) undelivered: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn report(&self) -> WorkerReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerReport {
+            taken: get(&self.taken),
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            stopped: get(&self.stopped),
+            duplicates: get(&self.duplicates),
+            malformed: get(&self.malformed),
+            shutdown_failed: get(&self.shutdown_failed),
+            undelivered: get(&self.undelivered),
+        }
+    }
+}
+
+/// Everything a job task needs, shared by all of them.
+pub(super) struct Shared<R> {
+    pub(super) runner: Arc<R>,
+    pub(super) client: PlatformClient,
+    pub(super) table: Arc<JobTable>,
+    pub(super) settings: WorkerSettings,
+    pub(super) identity: WorkerIdentity,
+    pub(super) counters: Counters,
+    /// Fired when the shutdown grace runs out: unfinished jobs are reported failed.
+    pub(super) grace_expired: CancellationToken,
+    /// Whether a job-stream URL is configured.
+    pub(super) streams: bool,
+}
+
+/// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
+/// get until `shutdown_grace` minus a margin, the rest are reported failed (`shutting_down`,
+/// retryable), and the call returns.
+///
+/// # Errors
+/// [`StartError`] when the environment lacks a required URL or the HTTP client cannot be built;
+/// nothing has been taken then.
+pub async fn run_worker<R: JobRunner>(
+    env: &RunpodEnv,
+    runner: Arc<R>,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) -> Result<WorkerReport, StartError> {
+    let take = env
+        .get_job_url
+        .as_deref()
+        .ok_or(StartError::Missing("RUNPOD_WEBHOOK_GET_JOB"))?;
+    let done = env
+        .post_output_url
+        .as_deref()
+        .ok_or(StartError::Missing("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
+    let stream = env.post_stream_url.as_deref();
+    if stream.is_none() {
+        warn!("RUNPOD_WEBHOOK_POST_STREAM is not set: chunks are not streamed (final results still carry them)");
+    }
+    // The SDK substitutes a random uuid when the pod id is unset.
+    let url_worker_id = env.pod_id.clone().unwrap_or_else(random_worker_id);
+    let endpoints = Endpoints::new(
+        take,
+        done,
+        stream.unwrap_or(""),
+        env.ping_url.as_deref(),
+        &url_worker_id,
+    );
+    let client = PlatformClient::new(endpoints.clone(), env.api_key.as_ref(), settings.timeouts)?;
+    let table = Arc::new(JobTable::new());
+    let identity = WorkerIdentity {
+        worker_id: env.pod_id.clone().unwrap_or_else(|| "unknown".into()),
+        hostname: env.pod_hostname.clone().unwrap_or_else(|| "unknown".into()),
+    };
+
+    let heartbeat = if endpoints.has_ping() && env.api_key.is_some() && env.pod_id.is_some() {
+        let interval = Duration::from_millis(env.ping_interval_ms);
+        Some(
+            Heartbeat::start(endpoints, env.api_key.clone(), interval, table.clone())
+                .map_err(StartError::Heartbeat)?,
+        )
+    } else {
+        info!(
+            "heartbeat disabled (needs RUNPOD_WEBHOOK_PING, RUNPOD_AI_API_KEY and RUNPOD_POD_ID)"
+        );
+        None
+    };
+
+    let shared = Arc::new(Shared {
+        runner,
+        client,
+        table,
+        settings,
+        identity,
+        counters: Counters::default(),
+        grace_expired: CancellationToken::new(),
+        streams: stream.is_some(),
+    });
+    let semaphore = Arc::new(Semaphore::new(shared.settings.max_concurrency));
+    let tracker = TaskTracker::new();
+    let stop_loop_done = CancellationToken::new();
+    let stop_loop = tokio::spawn(stop_loop(shared.clone(), stop_loop_done.clone()));
+
+    info!(
+        max_concurrency = shared.settings.max_concurrency,
+        "worker started; taking jobs"
+    );
+    take_loop(&shared, &semaphore, &tracker, &shutdown).await;
+
+    let in_flight = shared.table.len();
+    info!(in_flight, "shutting down: no longer taking jobs");
+    tracker.close();
+    let grace = shared.settings.shutdown_grace;
+    // Keep a margin to post the failure reports before the platform's kill.
+    let margin = (grace / 5).min(Duration::from_secs(5));
+    if tokio::time::timeout(grace - margin, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = shared.table.len(),
+            "shutdown grace ran out: reporting unfinished jobs as failed"
+        );
+        shared.grace_expired.cancel();
+        if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
+            error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
+        }
+    }
+    stop_loop_done.cancel();
+    if stop_loop.await.is_err() {
+        warn!("job-stop loop panicked");
+    }
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.stop();
+    }
+    let report = shared.counters.report();
+    info!(?report, "worker stopped");
+    Ok(report)
+}
+
+/// Takes jobs while slots are free, until `shutdown` fires (which also aborts a pending poll).
+async fn take_loop<R: JobRunner>(
+    shared: &Arc<Shared<R>>,
+    semaphore: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let settings = &shared.settings;
+    let mut jitter = Jitter::new();
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => return,
+            },
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = semaphore.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let in_progress = !shared.table.is_empty();
+        let max_body = settings
+            .max_job_bytes
+            .saturating_mul(permits.len())
+            .saturating_add(64 * 1024);
+        let started = Instant::now();
+        let take = shared.client.take(permits.len(), in_progress, max_body);
+        tokio::pin!(take);
+        let answer = tokio::select! {
+            biased;
+            answer = &mut take => answer,
+            () = shutdown.cancelled() => {
+                // The platform may already have assigned jobs to this poll: give its answer a
+                // moment so they are run (and drained) rather than dropped, then abort it.
+                match tokio::time::timeout(settings.take_abort_window, take).await {
+                    Ok(answer) => answer,
+                    Err(_elapsed) => return,
+                }
+            }
+        };
+        let pause = match answer {
+            Ok(batch) => {
+                failures = 0;
+                let got_jobs = !batch.jobs.is_empty();
+                for malformed in batch.malformed {
+                    Counters::bump(&shared.counters.malformed);
+                    match malformed.id {
+                        Some(id) => {
+                            warn!(job_id = %id, reason = %malformed.reason, "malformed job: reporting it failed");
+                            let error = JobError::Validation(malformed.reason);
+                            tracker.spawn(report_failure(shared.clone(), id, error));
+                        }
+                        None => {
+                            warn!(reason = %malformed.reason, "job-take answer without a usable job")
+                        }
+                    }
+                }
+                for job in batch.jobs {
+                    Counters::bump(&shared.counters.taken);
+                    let Some(cancel) = shared.table.try_insert(&job.id) else {
+                        Counters::bump(&shared.counters.duplicates);
+                        warn!(job_id = %job.id, "job already in flight: duplicate delivery not run twice");
+                        continue;
+                    };
+                    let permit = permits.pop();
+                    let span = info_span!("job", job_id = %job.id);
+                    tracker.spawn(
+                        run_job_task(shared.clone(), job, permit, cancel, semaphore.clone())
+                            .instrument(span),
+                    );
+                }
+                drop(permits);
+                if got_jobs {
+                    Duration::ZERO
+                } else {
+                    settings
+                        .empty_poll_min_interval
+                        .saturating_sub(started.elapsed())
+                }
+            }
+            Err(QueueError::TooManyRequests) => {
+                failures += 1;
+                warn!("job-take: 429 too many requests; backing off");
+                settings
+                    .too_many_requests_pause
+                    .max(settings.poll_retry.delay(failures, &mut jitter))
+            }
+            Err(error) => {
+                failures += 1;
+                let wait = settings.poll_retry.delay(failures, &mut jitter);
+                warn!(%error, failures, wait_ms = wait.as_millis() as u64, "job-take failed");
+                wait
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// Polls the job-stop channel and cancels the named jobs, until `done` fires.
+async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken) {
+    if shared.client.endpoints().stop_url().is_none() {
+        warn!("job-take URL has no `/job-take/` segment: job-stop channel disabled");
+        return;
+    }
+    let settings = &shared.settings;
+    let mut jitter = Jitter::new();
+    let mut failures = 0u32;
+    loop {
+        let answer = tokio::select! {
+            () = done.cancelled() => return,
+            answer = shared.client.poll_stop() => answer,
+        };
+        let pause = match answer {
+            Ok(ids) => {
+                failures = 0;
+                for id in &ids {
+                    if shared.table.stop(id) {
+                        info!(job_id = %id, "job-stop: cancelling job");
+                    } else {
+                        debug!(job_id = %id, "job-stop for a job not in flight");
+                    }
+                }
+                if ids.is_empty() {
+                    settings.stop_poll_pause
+                } else {
+                    Duration::ZERO
+                }
+            }
+            Err(QueueError::TooManyRequests) => {
+                failures += 1;
+                settings
+                    .too_many_requests_pause
+                    .max(settings.poll_retry.delay(failures, &mut jitter))
+            }
+            Err(error) => {
+                failures += 1;
+                let wait = settings.poll_retry.delay(failures, &mut jitter);
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(%error, failures, "job-stop poll failed");
+                }
+                wait
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                () = done.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// A random hex id standing in for the worker id in URLs when `RUNPOD_POD_ID` is unset.
+fn random_worker_id() -> String {
+    let mut jitter = Jitter::new();
+    (0..4)
+        .map(|_| format!("{:08x}", (jitter.unit() * f64::from(u32::MAX)) as u32))
+        .collect()
+}

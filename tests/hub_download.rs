@@ -1,0 +1,1306 @@
+#![allow(clippy::unwrap_used)]
+//! wick's Hub path against a mock Hugging Face Hub: a real axum server on 127.0.0.1:0 in this process,
+//! serving `tests/fixtures/tiny-llama` (and variants built here) with the routes and headers `hf-hub`
+//! 1.0 and Python use: HEAD/GET `/{repo}/resolve/{rev}/{file}` (ETag, X-Repo-Commit, Content-Length;
+//! LFS files answer 302 to a CDN route with X-Linked-Etag = sha256 and X-Linked-Size), 304 on a
+//! matching If-None-Match, `/api/models/{repo}/revision/{rev}`, `/api/models/{repo}/tree/{rev}`,
+//! 404 with X-Error-Code (+ X-Repo-Commit for a missing file), 401 for a gated repo without the
+//! token, and never an X-Xet-Hash header. Every request is recorded; faults (a connection dropped
+//! mid-body, corrupted bytes, a paused body) fire once where a test arms them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use wick::hub::{
+    parse_model_request, resolve, FreeSpace, HubError, HubModel, HubOptions, HubWeights,
+    ModelFiles, ModelRequest, ModelSource, Presets, WeightFiles,
+};
+
+const COMMIT: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+const TOKEN: &str = "hf_mock_canary_token_5f2a";
+
+// ---------------------------------------------------------------- mock hub
+
+#[derive(Clone)]
+struct MockFile {
+    bytes: Bytes,
+    lfs: bool,
+    /// sha256 for LFS files; a 40-hex stand-in for the git blob id otherwise.
+    etag: String,
+}
+
+#[derive(Clone, Default)]
+struct MockRepo {
+    files: BTreeMap<String, MockFile>,
+    gated: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// Send half the body, then drop the connection.
+    DropMidBody,
+    /// Flip one byte of the body.
+    Corrupt,
+    /// Send half the body, wait, then the rest.
+    Pause(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Request {
+    method: Method,
+    path: String,
+}
+
+#[derive(Default)]
+struct Hub {
+    base: String,
+    repos: Mutex<HashMap<String, MockRepo>>,
+    faults: Mutex<HashMap<String, Fault>>,
+    log: Mutex<Vec<Request>>,
+}
+
+impl Hub {
+    fn add_repo(&self, id: &str, repo: MockRepo) {
+        self.repos.lock().unwrap().insert(id.to_string(), repo);
+    }
+    fn arm(&self, sha: &str, fault: Fault) {
+        self.faults.lock().unwrap().insert(sha.to_string(), fault);
+    }
+    fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+    fn clear(&self) {
+        self.log.lock().unwrap().clear();
+    }
+    fn gets(&self) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::GET)
+            .map(|r| r.path)
+            .collect()
+    }
+    fn count_gets(&self, path_suffix: &str) -> usize {
+        self.gets()
+            .iter()
+            .filter(|p| p.ends_with(path_suffix))
+            .count()
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn mock_file(bytes: impl Into<Bytes>, lfs: bool) -> MockFile {
+    let bytes = bytes.into();
+    let etag = if lfs {
+        sha256_hex(&bytes)
+    } else {
+        let mut blob = format!("blob {}\0", bytes.len()).into_bytes();
+        blob.extend_from_slice(&bytes);
+        sha256_hex(&blob)[..40].to_string()
+    };
+    MockFile { bytes, lfs, etag }
+}
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny-llama"
+    ))
+}
+
+/// The tiny-llama fixture as a repo (plus files wick must never fetch).
+fn tiny_llama_repo() -> MockRepo {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let lfs = name.ends_with(".safetensors");
+        files.insert(name, mock_file(std::fs::read(&path).unwrap(), lfs));
+    }
+    files.insert(
+        "pytorch_model.bin".into(),
+        mock_file(&b"pickle: never fetch me"[..], true),
+    );
+    files.insert("README.md".into(), mock_file(&b"# tiny"[..], false));
+    MockRepo {
+        files,
+        gated: false,
+    }
+}
+
+async fn start_hub() -> Arc<Hub> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub = Arc::new(Hub {
+        base: format!("http://{}", listener.local_addr().unwrap()),
+        ..Hub::default()
+    });
+    hub.add_repo("org/tiny-llama", tiny_llama_repo());
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(Arc::clone(&hub));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    hub
+}
+
+fn respond(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
+    let mut builder = Response::builder().status(status);
+    for (name, value) in headers {
+        builder = builder.header(*name, value.as_str());
+    }
+    builder.body(body).unwrap()
+}
+
+async fn handle(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let path = uri.path().to_string();
+    hub.log.lock().unwrap().push(Request {
+        method: method.clone(),
+        path: path.clone(),
+    });
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match parts.as_slice() {
+        ["cdn", sha] => cdn(&hub, sha),
+        ["api", "models", org, name, "revision", rev] => {
+            api_revision(&hub, &format!("{org}/{name}"), rev, auth.as_deref())
+        }
+        ["api", "models", org, name, "tree", rev] => {
+            api_tree(&hub, &format!("{org}/{name}"), rev, auth.as_deref())
+        }
+        [org, name, "resolve", rev, file @ ..] if !file.is_empty() => {
+            let rev = rev.replace("%2F", "/");
+            let inm = headers
+                .get("if-none-match")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim_matches('"').to_string());
+            resolve_route(
+                &hub,
+                &method,
+                &format!("{org}/{name}"),
+                &rev,
+                &file.join("/"),
+                auth.as_deref(),
+                inm,
+            )
+        }
+        _ => respond(StatusCode::NOT_FOUND, &[], Body::empty()),
+    }
+}
+
+/// Access checks shared by every repo route: missing repo, gated without token, unknown revision.
+fn check_repo(
+    hub: &Hub,
+    repo_id: &str,
+    rev: &str,
+    auth: Option<&str>,
+) -> Result<MockRepo, Box<Response>> {
+    let reject = |status, code: &str| {
+        Box::new(respond(
+            status,
+            &[("x-error-code", code.to_string())],
+            Body::empty(),
+        ))
+    };
+    let repo = hub.repos.lock().unwrap().get(repo_id).cloned();
+    let Some(repo) = repo else {
+        return Err(reject(StatusCode::NOT_FOUND, "RepoNotFound"));
+    };
+    if repo.gated && auth != Some(&format!("Bearer {TOKEN}")) {
+        return Err(reject(StatusCode::UNAUTHORIZED, "GatedRepo"));
+    }
+    if rev != "main" && rev != COMMIT {
+        return Err(reject(StatusCode::NOT_FOUND, "RevisionNotFound"));
+    }
+    Ok(repo)
+}
+
+fn resolve_route(
+    hub: &Hub,
+    method: &Method,
+    repo_id: &str,
+    rev: &str,
+    file: &str,
+    auth: Option<&str>,
+    if_none_match: Option<String>,
+) -> Response {
+    let repo = match check_repo(hub, repo_id, rev, auth) {
+        Ok(repo) => repo,
+        Err(response) => return *response,
+    };
+    let Some(f) = repo.files.get(file) else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            &[
+                ("x-error-code", "EntryNotFound".into()),
+                ("x-repo-commit", COMMIT.into()),
+            ],
+            Body::empty(),
+        );
+    };
+    let mut headers = vec![("x-repo-commit", COMMIT.to_string())];
+    if if_none_match.as_deref() == Some(f.etag.as_str()) {
+        headers.push(("etag", format!("\"{}\"", f.etag)));
+        return respond(StatusCode::NOT_MODIFIED, &headers, Body::empty());
+    }
+    if f.lfs {
+        // Like the Hub: the pointer's own ETag, the content's sha256 and size as X-Linked-*, and a
+        // redirect to the CDN (absolute, so hf-hub takes this response as the metadata).
+        headers.extend([
+            (
+                "etag",
+                "\"0123456789abcdef0123456789abcdef01234567\"".to_string(),
+            ),
+            ("x-linked-etag", format!("\"{}\"", f.etag)),
+            ("x-linked-size", f.bytes.len().to_string()),
+            ("location", format!("{}/cdn/{}", hub.base, f.etag)),
+        ]);
+        return respond(StatusCode::FOUND, &headers, Body::empty());
+    }
+    headers.push(("etag", format!("\"{}\"", f.etag)));
+    headers.push(("content-length", f.bytes.len().to_string()));
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(f.bytes.clone())
+    };
+    respond(StatusCode::OK, &headers, body)
+}
+
+fn cdn(hub: &Hub, sha: &str) -> Response {
+    let file = hub
+        .repos
+        .lock()
+        .unwrap()
+        .values()
+        .flat_map(|r| r.files.values().cloned())
+        .find(|f| f.etag == sha);
+    let Some(file) = file else {
+        return respond(StatusCode::NOT_FOUND, &[], Body::empty());
+    };
+    let len = file.bytes.len();
+    let headers = [
+        ("content-length", len.to_string()),
+        ("etag", format!("\"{sha}\"")),
+    ];
+    let fault = hub.faults.lock().unwrap().remove(sha);
+    let body = match fault {
+        None => Body::from(file.bytes),
+        Some(Fault::Corrupt) => {
+            let mut bytes = file.bytes.to_vec();
+            bytes[len / 2] ^= 0xff;
+            Body::from(bytes)
+        }
+        Some(Fault::DropMidBody) => {
+            let half = file.bytes.slice(..len / 2);
+            Body::from_stream(futures_util::stream::iter([
+                Ok(half),
+                Err(std::io::Error::other("connection dropped")),
+            ]))
+        }
+        Some(Fault::Pause(pause)) => {
+            let (first, rest) = (file.bytes.slice(..len / 2), file.bytes.slice(len / 2..));
+            let later = futures_util::stream::once(async move {
+                tokio::time::sleep(pause).await;
+                Ok::<_, std::io::Error>(rest)
+            });
+            Body::from_stream(futures_util::StreamExt::chain(
+                futures_util::stream::once(async { Ok(first) }),
+                later,
+            ))
+        }
+    };
+    respond(StatusCode::OK, &headers, body)
+}
+
+fn api_revision(hub: &Hub, repo_id: &str, rev: &str, auth: Option<&str>) -> Response {
+    match check_repo(hub, repo_id, rev, auth) {
+        Ok(repo) => {
+            let siblings: Vec<_> = repo
+                .files
+                .keys()
+                .map(|f| serde_json::json!({ "rfilename": f }))
+                .collect();
+            let body = serde_json::json!({ "id": repo_id, "sha": COMMIT, "siblings": siblings });
+            respond(
+                StatusCode::OK,
+                &[("content-type", "application/json".into())],
+                Body::from(body.to_string()),
+            )
+        }
+        Err(response) => *response,
+    }
+}
+
+fn api_tree(hub: &Hub, repo_id: &str, rev: &str, auth: Option<&str>) -> Response {
+    match check_repo(hub, repo_id, rev, auth) {
+        Ok(repo) => {
+            let entries: Vec<_> = repo
+                .files
+                .iter()
+                .map(|(path, f)| {
+                    let mut entry = serde_json::json!({ "type": "file", "path": path, "size": f.bytes.len(), "oid": f.etag });
+                    if f.lfs {
+                        entry["lfs"] = serde_json::json!({ "oid": f.etag, "size": f.bytes.len(), "pointerSize": 134 });
+                    }
+                    entry
+                })
+                .collect();
+            respond(
+                StatusCode::OK,
+                &[("content-type", "application/json".into())],
+                Body::from(serde_json::to_vec(&entries).unwrap()),
+            )
+        }
+        Err(response) => *response,
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn options(hub: &Hub, cache: &Path) -> HubOptions {
+    let mut o = HubOptions::new(&hub.base, cache);
+    o.retry_base_delay = Duration::from_millis(10);
+    o.progress_interval = Duration::from_millis(200);
+    o
+}
+
+fn request(repo: &str, revision: &str, weights: HubWeights) -> ModelRequest {
+    ModelRequest {
+        source: ModelSource::Hub(HubModel {
+            repo_id: repo.into(),
+            revision: revision.into(),
+            weights,
+            pinned_sha256: None,
+        }),
+        preset: None,
+    }
+}
+
+fn llama(revision: &str) -> ModelRequest {
+    request("org/tiny-llama", revision, HubWeights::Safetensors)
+}
+
+fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo.replace('/', "--")))
+}
+
+fn assert_matches_fixture(files: &ModelFiles) {
+    let same = |path: &Option<PathBuf>, name: &str| {
+        assert_eq!(
+            std::fs::read(path.as_ref().unwrap()).unwrap(),
+            std::fs::read(fixture_dir().join(name)).unwrap(),
+            "{name}"
+        );
+    };
+    same(&files.config, "config.json");
+    same(&files.tokenizer_json, "tokenizer.json");
+    same(&files.tokenizer_config, "tokenizer_config.json");
+    same(&files.generation_config, "generation_config.json");
+    let WeightFiles::Safetensors(shards) = &files.weights else {
+        panic!("safetensors expected")
+    };
+    assert_eq!(shards.len(), 1);
+    same(&Some(shards[0].clone()), "model.safetensors");
+}
+
+/// Files in the repo's `blobs/` that are not finished blobs or markers.
+fn partial_files(cache: &Path, repo: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(repo_dir(cache, repo).join("blobs")) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".incomplete") || n.contains(".tmp-"))
+        .collect()
+}
+
+fn model_sha() -> String {
+    sha256_hex(&std::fs::read(fixture_dir().join("model.safetensors")).unwrap())
+}
+
+fn umask_file_mode() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap());
+    0o666 & !umask.unwrap_or(0o022)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn first_download_fetches_only_needed_files_and_verifies_them() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+
+    let mut gets = hub.gets();
+    gets.sort();
+    let sha = model_sha();
+    let mut expected = vec![
+        format!("/cdn/{sha}"),
+        "/org/tiny-llama/resolve/c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00/config.json".to_string(),
+        "/org/tiny-llama/resolve/c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00/generation_config.json"
+            .to_string(),
+        "/org/tiny-llama/resolve/c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00/model.safetensors"
+            .to_string(),
+        "/org/tiny-llama/resolve/c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00/tokenizer.json"
+            .to_string(),
+        "/org/tiny-llama/resolve/c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00/tokenizer_config.json"
+            .to_string(),
+    ];
+    expected.sort();
+    assert_eq!(
+        gets, expected,
+        "exactly the needed files, each once, all at the resolved commit"
+    );
+    for r in hub.requests() {
+        assert!(
+            !r.path.contains("pytorch_model.bin")
+                && !r.path.contains("reference_generations")
+                && !r.path.contains("README"),
+            "{r:?}"
+        );
+    }
+
+    let repo = repo_dir(cache.path(), "org/tiny-llama");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    assert!(repo
+        .join(format!(".no_exist/{COMMIT}/model.safetensors.index.json"))
+        .exists());
+    assert!(repo.join(format!("blobs/{sha}.verified")).exists());
+    let blob_mode = std::fs::metadata(repo.join(format!("blobs/{sha}")))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        blob_mode,
+        umask_file_mode(),
+        "finished blobs get the normal file mode"
+    );
+    assert!(partial_files(cache.path(), "org/tiny-llama").is_empty());
+    // The returned paths are the Python-compatible snapshot links.
+    let WeightFiles::Safetensors(shards) = &files.weights else {
+        unreachable!()
+    };
+    assert_eq!(
+        shards[0],
+        repo.join(format!("snapshots/{COMMIT}/model.safetensors"))
+    );
+}
+
+#[tokio::test]
+async fn warm_start_makes_no_get_and_does_not_hash_again() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+    let first = resolve(&llama("main"), &opts).await.unwrap();
+    let marker =
+        repo_dir(cache.path(), "org/tiny-llama").join(format!("blobs/{}.verified", model_sha()));
+    let marker_mtime = std::fs::metadata(&marker).unwrap().modified().unwrap();
+
+    hub.clear();
+    let second = resolve(&llama("main"), &opts).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        hub.requests(),
+        vec![Request {
+            method: Method::HEAD,
+            path: "/org/tiny-llama/resolve/main/config.json".into()
+        }],
+        "a branch costs one HEAD to learn its commit, nothing else"
+    );
+    assert_eq!(
+        std::fs::metadata(&marker).unwrap().modified().unwrap(),
+        marker_mtime,
+        "marker reused, not rewritten"
+    );
+
+    hub.clear();
+    let pinned = resolve(&llama(COMMIT), &opts).await.unwrap();
+    assert_eq!(pinned, first);
+    assert!(
+        hub.requests().is_empty(),
+        "a pinned commit needs no request: {:?}",
+        hub.requests()
+    );
+}
+
+#[tokio::test]
+async fn offline_mode_uses_the_cache_and_fails_clearly_when_uncached() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut offline = options(&hub, cache.path());
+    offline.offline = true;
+
+    let err = resolve(&llama("main"), &offline).await.unwrap_err();
+    assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(hub.requests().is_empty());
+
+    let online = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    hub.clear();
+    let files = resolve(&llama("main"), &offline).await.unwrap();
+    assert_eq!(files, online);
+    assert!(
+        hub.requests().is_empty(),
+        "offline never touches the network: {:?}",
+        hub.requests()
+    );
+
+    // An uncached revision is still a clear error.
+    let err = resolve(&llama("v2"), &offline).await.unwrap_err();
+    assert!(
+        matches!(err, HubError::NotCached { ref file, .. } if file == "refs/v2"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_blob_is_replaced_not_used() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+    resolve(&llama("main"), &opts).await.unwrap();
+    let sha = model_sha();
+    let blob = repo_dir(cache.path(), "org/tiny-llama").join(format!("blobs/{sha}"));
+
+    // Same size, different bytes (bit rot, a bad copy): the marker no longer matches, the hash fails.
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[1000] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    // Offline it cannot be replaced: refused, never used.
+    let mut offline = opts.clone();
+    offline.offline = true;
+    let err = resolve(&llama("main"), &offline).await.unwrap_err();
+    assert!(
+        matches!(err, HubError::Corrupt { offline: true, .. }),
+        "{err:?}"
+    );
+
+    let files = resolve(&llama("main"), &opts).await.unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(hub.count_gets(&format!("/cdn/{sha}")), 2);
+
+    // Truncated by a killed worker, no marker: replaced as well.
+    std::fs::remove_file(
+        repo_dir(cache.path(), "org/tiny-llama").join(format!("blobs/{sha}.verified")),
+    )
+    .unwrap();
+    std::fs::write(&blob, &bytes[..4096]).unwrap();
+    let files = resolve(&llama("main"), &opts).await.unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(hub.count_gets(&format!("/cdn/{sha}")), 3);
+}
+
+#[tokio::test]
+async fn broken_transfer_is_retried_and_leaves_no_partial_file() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    hub.arm(&sha, Fault::DropMidBody);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(
+        hub.count_gets(&format!("/cdn/{sha}")),
+        2,
+        "one broken transfer, one retry"
+    );
+    assert!(partial_files(cache.path(), "org/tiny-llama").is_empty());
+}
+
+#[tokio::test]
+async fn corrupted_bytes_from_the_server_fail_verification_and_are_fetched_again() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    hub.arm(&sha, Fault::Corrupt);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(hub.count_gets(&format!("/cdn/{sha}")), 2);
+}
+
+#[tokio::test]
+async fn persistent_network_failure_gives_up_after_bounded_attempts() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(&hub, cache.path());
+    opts.max_attempts = 3;
+    opts.endpoint = "http://127.0.0.1:9".into(); // discard port: connection refused
+    let err = resolve(&llama("main"), &opts).await.unwrap_err();
+    assert!(
+        matches!(err, HubError::Network { attempts: 3, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("HF_ENDPOINT"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_download_is_private_and_never_under_the_final_name() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    hub.arm(&sha, Fault::Pause(Duration::from_secs(2)));
+    let opts = options(&hub, cache.path());
+    let task = tokio::spawn(async move { resolve(&llama("main"), &opts).await });
+
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    let partial = blobs.join(format!("{sha}.incomplete"));
+    let mut seen = false;
+    for _ in 0..400 {
+        if let Ok(meta) = std::fs::metadata(&partial) {
+            if meta.len() > 0 {
+                assert_eq!(
+                    meta.permissions().mode() & 0o777,
+                    0o600,
+                    "partial files are private"
+                );
+                assert!(
+                    !blobs.join(&sha).exists(),
+                    "nothing under the final name while in flight"
+                );
+                assert!(!repo_dir(cache.path(), "org/tiny-llama")
+                    .join(format!("snapshots/{COMMIT}/model.safetensors"))
+                    .exists());
+                seen = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the paused transfer was observed in flight");
+    assert_matches_fixture(&task.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn missing_file_repo_and_revision_errors_name_the_problem() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+
+    let err = resolve(&request("org/nope", "main", HubWeights::Safetensors), &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HubError::RepoNotFound { ref repo, .. } if repo == "org/nope"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("MODEL_NAME"), "{err}");
+
+    let err = resolve(&llama("no-such-branch"), &opts).await.unwrap_err();
+    assert!(matches!(err, HubError::RevisionNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("MODEL_REVISION"), "{err}");
+
+    let mut repo = tiny_llama_repo();
+    repo.files.remove("tokenizer.json");
+    hub.add_repo("org/no-tokenizer", repo);
+    let err = resolve(
+        &request("org/no-tokenizer", "main", HubWeights::Safetensors),
+        &opts,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, HubError::FileNotFound { ref file, .. } if file == "tokenizer.json"),
+        "{err:?}"
+    );
+
+    let err = resolve(
+        &request(
+            "org/tiny-llama",
+            "main",
+            HubWeights::Gguf {
+                file: "missing.gguf".into(),
+            },
+        ),
+        &opts,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, HubError::FileNotFound { ref file, .. } if file == "missing.gguf"),
+        "{err:?}"
+    );
+
+    // A repo with only pickle weights is refused without fetching them.
+    let mut repo = tiny_llama_repo();
+    repo.files.remove("model.safetensors");
+    hub.add_repo("org/pickle-only", repo);
+    let err = resolve(
+        &request("org/pickle-only", "main", HubWeights::Safetensors),
+        &opts,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, HubError::NoWeights { .. }) && err.to_string().contains("pickle"),
+        "{err:?}"
+    );
+    assert_eq!(hub.count_gets("pytorch_model.bin"), 0);
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The process-wide log capture (a global subscriber: a thread-local one misses events when other
+/// tests touch the same callsites first).
+fn captured_logs() -> LogBuffer {
+    static LOGS: std::sync::OnceLock<LogBuffer> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
+        logs
+    })
+    .clone()
+}
+
+#[tokio::test]
+async fn gated_repo_needs_a_token_which_never_reaches_logs_or_errors() {
+    let logs = captured_logs();
+
+    let hub = start_hub().await;
+    let mut repo = tiny_llama_repo();
+    repo.gated = true;
+    hub.add_repo("org/gated", repo);
+    let cache = tempfile::tempdir().unwrap();
+    let gated = request("org/gated", "main", HubWeights::Safetensors);
+
+    let err = resolve(&gated, &options(&hub, cache.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HubError::Unauthorized {
+                token_given: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
+
+    let mut wrong = options(&hub, cache.path());
+    wrong.token = Some(wick::config::Secret::new("hf_wrong_canary_token"));
+    let err_wrong = resolve(&gated, &wrong).await.unwrap_err();
+    assert!(
+        matches!(
+            err_wrong,
+            HubError::Unauthorized {
+                token_given: true,
+                ..
+            }
+        ),
+        "{err_wrong:?}"
+    );
+
+    let mut right = options(&hub, cache.path());
+    right.token = Some(wick::config::Secret::new(TOKEN));
+    let files = resolve(&gated, &right).await.unwrap();
+    assert_matches_fixture(&files);
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("model files resolved"),
+        "the log capture works"
+    );
+    for text in [
+        logs,
+        err.to_string(),
+        format!("{err:?}"),
+        err_wrong.to_string(),
+        format!("{err_wrong:?}"),
+        format!("{right:?}"),
+    ] {
+        assert!(
+            !text.contains(TOKEN) && !text.contains("hf_wrong_canary_token"),
+            "token leaked: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn not_enough_disk_is_refused_before_any_download() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(&hub, cache.path());
+    opts.free_space = FreeSpace::Fixed(10_000);
+    let err = resolve(&llama("main"), &opts).await.unwrap_err();
+    let HubError::DiskFull {
+        download,
+        available,
+        needed,
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(available, 10_000);
+    assert!(download > 0 && needed > download);
+    assert!(
+        hub.gets().is_empty(),
+        "nothing downloaded: {:?}",
+        hub.gets()
+    );
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    assert!(!blobs.exists() || std::fs::read_dir(&blobs).unwrap().next().is_none());
+
+    // Enough room for the small files but not the weights: refused before the weights' first byte.
+    let small: u64 = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(fixture_dir().join(f)).unwrap().len())
+    .sum();
+    opts.free_space = FreeSpace::Fixed(wick::hub::disk::required_with_margin(small));
+    let err = resolve(&llama("main"), &opts).await.unwrap_err();
+    assert!(matches!(err, HubError::DiskFull { .. }), "{err:?}");
+    assert!(err.to_string().contains("BASE_PATH"), "{err}");
+    assert_eq!(hub.count_gets(&format!("/cdn/{}", model_sha())), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_cache_both_succeed_with_one_download() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    // Slow the weights down so both workers are certainly in flight together.
+    hub.arm(&sha, Fault::Pause(Duration::from_millis(500)));
+    let (a, b) = (options(&hub, cache.path()), options(&hub, cache.path()));
+    let (ra, rb) = tokio::join!(
+        tokio::spawn(async move { resolve(&llama("main"), &a).await }),
+        tokio::spawn(async move { resolve(&llama("main"), &b).await })
+    );
+    let (fa, fb) = (ra.unwrap().unwrap(), rb.unwrap().unwrap());
+    assert_eq!(fa, fb);
+    assert_matches_fixture(&fa);
+    assert_eq!(
+        hub.count_gets(&format!("/cdn/{sha}")),
+        1,
+        "the second worker waited and reused the blob"
+    );
+    assert_eq!(hub.count_gets("/config.json"), 1);
+    assert!(partial_files(cache.path(), "org/tiny-llama").is_empty());
+}
+
+/// Splits a safetensors file into two shards (tensors sorted by name, first half / second half) and
+/// returns `(shard bytes, index json)`.
+fn split_safetensors(bytes: &[u8]) -> (Vec<(String, Vec<u8>)>, String) {
+    let header_len = usize::try_from(u64::from_le_bytes(bytes[..8].try_into().unwrap())).unwrap();
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    let halves = [&names[..names.len() / 2], &names[names.len() / 2..]];
+    let mut shards = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    for (i, half) in halves.iter().enumerate() {
+        let shard_name = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let mut new_header = serde_json::Map::new();
+        let mut body = Vec::new();
+        for name in half.iter() {
+            let mut info = header[*name].clone();
+            let offsets = info["data_offsets"].as_array().unwrap();
+            let (start, end) = (
+                offsets[0].as_u64().unwrap() as usize,
+                offsets[1].as_u64().unwrap() as usize,
+            );
+            info["data_offsets"] = serde_json::json!([body.len(), body.len() + end - start]);
+            body.extend_from_slice(&data[start..end]);
+            new_header.insert((*name).clone(), info);
+            weight_map.insert(
+                (*name).clone(),
+                serde_json::Value::String(shard_name.clone()),
+            );
+        }
+        let header_bytes = serde_json::to_vec(&new_header).unwrap();
+        let mut shard = (header_bytes.len() as u64).to_le_bytes().to_vec();
+        shard.extend_from_slice(&header_bytes);
+        shard.extend_from_slice(&body);
+        shards.push((shard_name, shard));
+    }
+    let index =
+        serde_json::json!({ "metadata": { "total_size": data.len() }, "weight_map": weight_map });
+    (shards, index.to_string())
+}
+
+#[tokio::test]
+async fn sharded_model_downloads_every_shard_in_index_order() {
+    let hub = start_hub().await;
+    let mut repo = tiny_llama_repo();
+    let original = repo.files.remove("model.safetensors").unwrap();
+    let (shards, index) = split_safetensors(&original.bytes);
+    for (name, bytes) in &shards {
+        repo.files
+            .insert(name.clone(), mock_file(bytes.clone(), true));
+    }
+    repo.files.insert(
+        "model.safetensors.index.json".into(),
+        mock_file(index, false),
+    );
+    hub.add_repo("org/sharded", repo);
+
+    let cache = tempfile::tempdir().unwrap();
+    let files = resolve(
+        &request("org/sharded", "main", HubWeights::Safetensors),
+        &options(&hub, cache.path()),
+    )
+    .await
+    .unwrap();
+    let WeightFiles::Safetensors(paths) = &files.weights else {
+        panic!("safetensors")
+    };
+    assert_eq!(paths.len(), 2);
+    let original_tensors = candle_core::safetensors::load(
+        fixture_dir().join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut loaded = 0;
+    for (path, (name, bytes)) in paths.iter().zip(&shards) {
+        assert!(path.ends_with(name));
+        assert_eq!(&std::fs::read(path).unwrap(), bytes);
+        for (tensor, value) in
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+        {
+            let want = &original_tensors[&tensor];
+            assert_eq!(
+                value.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+            loaded += 1;
+        }
+    }
+    assert_eq!(loaded, original_tensors.len());
+}
+
+#[tokio::test]
+async fn index_with_path_traversal_is_refused() {
+    let hub = start_hub().await;
+    let mut repo = tiny_llama_repo();
+    repo.files.remove("model.safetensors");
+    let index = serde_json::json!({ "weight_map": { "w": "../../../../etc/evil.safetensors" } });
+    repo.files.insert(
+        "model.safetensors.index.json".into(),
+        mock_file(index.to_string(), false),
+    );
+    hub.add_repo("org/evil", repo);
+    let cache = tempfile::tempdir().unwrap();
+    let err = resolve(
+        &request("org/evil", "main", HubWeights::Safetensors),
+        &options(&hub, cache.path()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HubError::UnsafePath { .. }), "{err:?}");
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| !r.path.contains("evil.safetensors")));
+}
+
+#[tokio::test]
+async fn gguf_selection_fetches_one_file_and_checks_the_preset_pin() {
+    let hub = start_hub().await;
+    let gguf_a: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sha_a = sha256_hex(&gguf_a);
+    let mut files = BTreeMap::new();
+    files.insert(
+        "tiny.Q4_1.gguf".to_string(),
+        mock_file(gguf_a.clone(), true),
+    );
+    files.insert(
+        "tiny.Q8_0.gguf".to_string(),
+        mock_file(vec![7u8; 1000], true),
+    );
+    files.insert("README.md".to_string(), mock_file(&b"# gguf"[..], false));
+    hub.add_repo(
+        "org/tiny-gguf",
+        MockRepo {
+            files,
+            gated: false,
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+
+    let presets = Presets::builtin().unwrap();
+    let req = parse_model_request(Some("org/tiny-gguf:tiny.Q4_1.gguf"), None, &presets).unwrap();
+    let resolved = resolve(&req, &opts).await.unwrap();
+    let WeightFiles::Gguf(path) = &resolved.weights else {
+        panic!("gguf")
+    };
+    assert_eq!(std::fs::read(path).unwrap(), gguf_a);
+    assert!(resolved.config.is_none() && resolved.tokenizer_json.is_none());
+    assert_eq!(
+        hub.gets(),
+        vec![
+            format!("/org/tiny-gguf/resolve/{COMMIT}/tiny.Q4_1.gguf"),
+            format!("/cdn/{sha_a}")
+        ]
+    );
+
+    let toml = |sha: &str| {
+        format!(
+            "default = \"tiny\"\n[presets.tiny]\nrepo = \"org/tiny-gguf\"\nrevision = \"main\"\narchitecture = \"llama\"\n\
+             dtype = \"f32\"\nformat = \"gguf\"\nfile = \"tiny.Q4_1.gguf\"\nsha256 = \"{sha}\"\n"
+        )
+    };
+    let pinned_ok = Presets::parse(&toml(&sha_a), "test").unwrap();
+    let req = parse_model_request(None, None, &pinned_ok).unwrap();
+    assert_eq!(resolve(&req, &opts).await.unwrap(), resolved);
+
+    let fresh = tempfile::tempdir().unwrap();
+    hub.clear();
+    let pinned_bad = Presets::parse(&toml(&"0".repeat(64)), "test").unwrap();
+    let req = parse_model_request(None, None, &pinned_bad).unwrap();
+    let err = resolve(&req, &options(&hub, fresh.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HubError::PinMismatch { ref served, .. } if *served == sha_a),
+        "{err:?}"
+    );
+    assert!(
+        hub.gets().is_empty(),
+        "a pin mismatch is caught before downloading"
+    );
+}
+
+#[tokio::test]
+async fn stale_partial_files_from_a_killed_worker_are_removed() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let stale = blobs.join(format!("{}.incomplete", "e".repeat(64)));
+    std::fs::File::create(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+    resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert!(!stale.exists());
+}
+
+#[tokio::test]
+async fn resolve_model_takes_everything_from_the_config() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = wick::config::Config::for_test();
+    config.model_name = Some("org/tiny-llama".into());
+    config.model_revision = None;
+    config.models_toml = None;
+    config.hub_env = wick::config::HubEnv {
+        endpoint: Some(hub.base.clone()),
+        hub_cache: Some(cache.path().to_path_buf()),
+        offline: false,
+        ..wick::config::HubEnv::default()
+    };
+    let files = wick::hub::download(&config, None).await.unwrap();
+    assert_matches_fixture(&files);
+    assert!(files
+        .all_paths()
+        .iter()
+        .all(|p| p.starts_with(cache.path())));
+
+    config.hub_env.offline = true;
+    hub.clear();
+    assert_eq!(
+        wick::hub::resolve_model(&config, None).await.unwrap(),
+        files
+    );
+    assert!(hub.requests().is_empty());
+}
+
+/// Median of a few timings, in milliseconds.
+fn median_ms(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark (prints figures); run: cargo test --test hub_download -- --ignored --nocapture"]
+async fn bench_cold_download_and_warm_resolve() {
+    use std::time::Instant;
+    let logs = captured_logs();
+    let hub = start_hub().await;
+    let size: usize = 100 * 1024 * 1024;
+    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(7) % 251) as u8).collect();
+    let started = Instant::now();
+    let sha = sha256_hex(&data);
+    let hash_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut files = BTreeMap::new();
+    files.insert("big.gguf".to_string(), mock_file(data, true));
+    hub.add_repo(
+        "org/bench",
+        MockRepo {
+            files,
+            gated: false,
+        },
+    );
+    let req = request(
+        "org/bench",
+        "main",
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let mb = size as f64 / 1e6;
+
+    let mut cold = Vec::new();
+    let mut warm_cache = None;
+    for _ in 0..3 {
+        let cache = tempfile::tempdir().unwrap();
+        let opts = options(&hub, cache.path());
+        let started = Instant::now();
+        resolve(&req, &opts).await.unwrap();
+        cold.push(started.elapsed());
+        warm_cache = Some(cache);
+    }
+    let cache = warm_cache.unwrap();
+    let opts = options(&hub, cache.path());
+    let mut warm_branch = Vec::new();
+    let mut warm_pinned = Vec::new();
+    let pinned = request(
+        "org/bench",
+        COMMIT,
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    for _ in 0..5 {
+        let started = Instant::now();
+        resolve(&req, &opts).await.unwrap();
+        warm_branch.push(started.elapsed());
+        let started = Instant::now();
+        resolve(&pinned, &opts).await.unwrap();
+        warm_pinned.push(started.elapsed());
+    }
+    // A cache filled by another tool (no .verified marker): the first start hashes once.
+    let marker = repo_dir(cache.path(), "org/bench").join(format!("blobs/{sha}.verified"));
+    std::fs::remove_file(&marker).unwrap();
+    let started = Instant::now();
+    resolve(&pinned, &opts).await.unwrap();
+    let rehash = started.elapsed();
+
+    let cold_ms = median_ms(cold);
+    println!("payload: {mb:.1} MB (one LFS file through the mock hub's 302 to its CDN route)");
+    println!(
+        "sha256 of the payload in memory: {hash_ms:.0} ms ({:.0} MB/s)",
+        mb / hash_ms * 1000.0
+    );
+    println!(
+        "cold download + verify (median of 3): {cold_ms:.0} ms = {:.1} MB/s",
+        mb / cold_ms * 1000.0
+    );
+    println!(
+        "warm resolve, branch `main` (1 HEAD, no hash), median of 5: {:.2} ms",
+        median_ms(warm_branch)
+    );
+    println!(
+        "warm resolve, pinned commit (no request, no hash), median of 5: {:.2} ms",
+        median_ms(warm_pinned)
+    );
+    println!(
+        "warm resolve without a .verified marker (hashes once): {:.0} ms",
+        rehash.as_secs_f64() * 1000.0
+    );
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for line in logs.lines().filter(|l| l.contains("wick::hub::")).take(4) {
+        println!("log: {line}");
+    }
+}
+
+#[tokio::test]
+async fn cache_filled_by_another_tool_is_hashed_once_then_trusted() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let online = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    // Python/hf-hub leave the same layout without wick's markers.
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    let markers: Vec<PathBuf> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "verified"))
+        .collect();
+    assert_eq!(markers.len(), 5, "one marker per file");
+    for marker in &markers {
+        std::fs::remove_file(marker).unwrap();
+    }
+    let mut offline = options(&hub, cache.path());
+    offline.offline = true;
+    hub.clear();
+    assert_eq!(resolve(&llama("main"), &offline).await.unwrap(), online);
+    assert!(hub.requests().is_empty());
+    assert!(
+        markers.iter().all(|m| m.exists()),
+        "markers written after hashing"
+    );
+}
