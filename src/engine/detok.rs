@@ -149,7 +149,7 @@ mod tests {
         streamed.push_str(&dec.flush(&tok).unwrap());
         assert_eq!(
             streamed,
-            tok.decode(&vec![stray; MAX_HELD_TOKENS + 1], true).unwrap()
+            tok.decode(&[stray; MAX_HELD_TOKENS + 1], true).unwrap()
         );
     }
 
