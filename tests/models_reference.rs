@@ -245,7 +245,7 @@ fn check_chunked_prefill(fixture: &str) {
     }
 }
 
-/// All five cases decoded in one batch, in shuffled (and, second round, consecutive) slots, give each
+/// All five cases decoded in one batch, in scattered, consecutive and two-run slot layouts, give each
 /// sequence the logits it gets alone; a mixed pass (one prefill chunk plus decodes) too.
 fn check_batched_decode(fixture: &str) {
     let (model, reference) = load(fixture);
@@ -270,7 +270,14 @@ fn check_batched_decode(fixture: &str) {
         alone.push(rows);
     }
 
-    for slots in [[3usize, 0, 5, 1, 2], [1, 2, 3, 4, 5]] {
+    // Five runs of one slot (gathered into one batch), four runs (three single slots and a pair),
+    // one run, two runs (runs are read in place).
+    for slots in [
+        [4usize, 2, 0, 5, 3],
+        [3, 0, 5, 1, 2],
+        [1, 2, 3, 4, 5],
+        [0, 1, 2, 4, 5],
+    ] {
         let mut cache = new_cache(model.as_ref(), 6);
         for (k, prompt) in prompts.iter().enumerate() {
             let row = prefill(model.as_ref(), &mut cache, slots[k], prompt);

@@ -4,7 +4,7 @@
 //!
 //! Forked from candle-transformers 0.11.1 `src/models/gemma2.rs` (MIT OR Apache-2.0, Copyright the
 //! candle authors). What changed: per-token positions and the engine-owned [`KvCache`] through
-//! [`crate::models::layers::attend`] (which applies the soft-capping and the per-layer window),
+//! `layers::attend` (which applies the soft-capping and the per-layer window),
 //! batched sequences of any lengths, `lm_head` only on each sequence's last token, the attention and
 //! MLP projections shared with [`crate::models::llama`].
 //! Reference: transformers `models/gemma2/modeling_gemma2.py` (Gemma Team, 2024).

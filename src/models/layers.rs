@@ -320,8 +320,16 @@ impl Rotary {
     }
 }
 
-/// Identifies a mask within one pass: (sequence index, or `usize::MAX` for the decode batch; window).
-type MaskKey = (usize, Option<usize>);
+/// Identifies a mask within one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MaskKey {
+    /// Index of the (first) sequence the mask is for.
+    first_seq: usize,
+    /// Sequences of a decode group; 0 for one prefill chunk.
+    decode_seqs: usize,
+    /// The layer's sliding window.
+    window: Option<usize>,
+}
 
 /// Everything derived once per forward pass from the [`ForwardBatch`].
 #[derive(Debug)]
@@ -409,11 +417,7 @@ impl<'a> BatchPlan<'a> {
     }
 
     /// Returns the cached mask for `key`, building it with `build` the first time.
-    fn mask(
-        &self,
-        key: (usize, Option<usize>),
-        build: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    fn mask(&self, key: MaskKey, build: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
         if let Some((_, mask)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
             return Ok(mask.clone());
         }
@@ -483,6 +487,70 @@ fn attention_weights(
     candle_nn::ops::softmax_last_dim(&scores)
 }
 
+/// Above this many runs of consecutive slots, a decode batch gathers its slots with one copy.
+const MAX_DECODE_RUNS: usize = 4;
+
+/// Attention of the one-token sequences `plan.seqs[group]`: `q` is `(all seqs, kv_heads, n_rep,
+/// head_dim)`; returns `(group len, num_heads * head_dim)`. With `as_view`, the group's slots must be
+/// consecutive and ascending and are read in place; otherwise they are gathered.
+fn decode_group(
+    plan: &BatchPlan,
+    group: std::ops::Range<usize>,
+    as_view: bool,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    spec: &AttnSpec,
+) -> Result<Tensor> {
+    let seqs = &plan.seqs[group.clone()];
+    let batch = seqs.len();
+    let kv_lens: Vec<usize> = seqs.iter().map(|s| s.start_pos + 1).collect();
+    let max_len = kv_lens.iter().copied().max().unwrap_or(1);
+    let (keys, values) = if as_view {
+        let first = seqs[0].slot;
+        (
+            k_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
+            v_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
+        )
+    } else {
+        let gather = |cache: &Tensor| -> Result<Tensor> {
+            let parts = seqs
+                .iter()
+                .map(|s| cache.narrow(0, s.slot, 1)?.narrow(2, 0, max_len))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        };
+        (gather(k_cache)?, gather(v_cache)?)
+    }; // (batch, kv_heads, L, hd)
+    let needs_mask =
+        spec.sliding_window.is_some_and(|w| w < max_len) || kv_lens.iter().any(|&l| l != max_len);
+    let mask = if needs_mask {
+        let key = MaskKey {
+            first_seq: group.start,
+            decode_seqs: batch,
+            window: spec.sliding_window,
+        };
+        Some(plan.mask(key, || {
+            let query_pos: Vec<usize> = kv_lens.iter().map(|l| l - 1).collect();
+            mask_rows(
+                &query_pos,
+                max_len,
+                spec.sliding_window,
+                q.dtype(),
+                q.device(),
+            )?
+            .reshape((batch, 1, 1, max_len))
+        })?)
+    } else {
+        None
+    };
+    // The query heads sharing a kv head form the rows: (batch, kv_heads, n_rep, hd).
+    let q = q.narrow(0, group.start, batch)?;
+    let weights = attention_weights(&q, &keys, spec, mask.as_ref())?; // (batch, kv_heads, n_rep, L)
+    let out = weights.matmul(&values)?; // (batch, kv_heads, n_rep, hd)
+    out.reshape((batch, spec.num_heads * spec.head_dim))
+}
+
 /// Writes the new K/V of every sequence into `cache` (layer `layer`) and attends.
 ///
 /// `q` is `(tokens, num_heads, head_dim)`, `k` and `v` are `(tokens, num_kv_heads, head_dim)`, already
@@ -514,44 +582,24 @@ pub(crate) fn attend(
     let device = q.device();
 
     if plan.all_decode {
-        let batch = plan.seqs.len();
-        let kv_lens: Vec<usize> = plan.seqs.iter().map(|s| s.start_pos + 1).collect();
-        let max_len = kv_lens.iter().copied().max().unwrap_or(1);
-        // Slots in ascending consecutive order can be read as one strided view without a copy.
-        let consecutive = plan.seqs.windows(2).all(|w| w[1].slot == w[0].slot + 1);
-        let (keys, values) = if consecutive {
-            let first = plan.seqs[0].slot;
-            (
-                k_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
-                v_cache.narrow(0, first, batch)?.narrow(2, 0, max_len)?,
-            )
-        } else {
-            let gather = |cache: &Tensor| -> Result<Tensor> {
-                let parts = plan
-                    .seqs
-                    .iter()
-                    .map(|s| cache.narrow(0, s.slot, 1)?.narrow(2, 0, max_len))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 0)
-            };
-            (gather(k_cache)?, gather(v_cache)?)
-        };
-        let needs_mask = spec.sliding_window.is_some_and(|w| w < max_len)
-            || kv_lens.iter().any(|&l| l != max_len);
-        let mask = if needs_mask {
-            Some(plan.mask((usize::MAX, spec.sliding_window), || {
-                let query_pos: Vec<usize> = kv_lens.iter().map(|l| l - 1).collect();
-                mask_rows(&query_pos, max_len, spec.sliding_window, q.dtype(), device)?
-                    .reshape((batch, 1, 1, max_len))
-            })?)
-        } else {
-            None
-        };
-        // (B, heads, hd) -> (B, kv_heads, n_rep, hd): the query heads sharing a kv head form the rows.
-        let q = q.reshape((batch, kvh, n_rep, hd))?;
-        let weights = attention_weights(&q, &keys, spec, mask.as_ref())?; // (B, kv_heads, n_rep, L)
-        let out = weights.matmul(&values)?; // (B, kv_heads, n_rep, hd)
-        return out.reshape((batch, spec.num_heads * hd));
+        // Runs of ascending consecutive slots are read as strided views of the cache without a
+        // copy; many scattered slots are gathered (copied) into one batch instead.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, seq) in plan.seqs.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if plan.seqs[run.end - 1].slot + 1 == seq.slot => run.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        let q = q.reshape((plan.seqs.len(), kvh, n_rep, hd))?;
+        if runs.len() > MAX_DECODE_RUNS {
+            return decode_group(plan, 0..plan.seqs.len(), false, &q, k_cache, v_cache, spec);
+        }
+        let outputs = runs
+            .into_iter()
+            .map(|run| decode_group(plan, run, true, &q, k_cache, v_cache, spec))
+            .collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&outputs, 0);
     }
 
     let mut outputs = Vec::with_capacity(plan.seqs.len());
@@ -575,7 +623,12 @@ pub(crate) fn attend(
             .reshape((kvh, n_rep * len, hd))?;
         let needs_mask = len > 1 || spec.sliding_window.is_some_and(|w| w < kv_len);
         let mask = if needs_mask {
-            Some(plan.mask((index, spec.sliding_window), || {
+            let key = MaskKey {
+                first_seq: index,
+                decode_seqs: 0,
+                window: spec.sliding_window,
+            };
+            Some(plan.mask(key, || {
                 let query_pos: Vec<usize> = (seq.start_pos..kv_len).collect();
                 let m = mask_rows(&query_pos, kv_len, spec.sliding_window, q.dtype(), device)?;
                 // (len, L) repeated for each of the n_rep head rows: (n_rep * len, L)

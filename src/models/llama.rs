@@ -5,7 +5,7 @@
 //! Forked from candle-transformers 0.11.1 `src/models/llama.rs`, `mistral.rs` and `qwen2.rs`
 //! (MIT OR Apache-2.0, Copyright the candle authors). What changed: the forward pass takes a
 //! [`ForwardBatch`] of sequences with per-token positions and reads/writes the engine-owned
-//! [`KvCache`] through [`crate::models::layers::attend`]; all tokens of all sequences share each linear
+//! [`KvCache`] through `layers::attend`; all tokens of all sequences share each linear
 //! layer; `lm_head` runs only on each sequence's last token; one struct serves the three families.
 //! Reference: transformers `models/llama/modeling_llama.py` (Touvron et al., 2023).
 

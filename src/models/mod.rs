@@ -4,6 +4,15 @@
 //!
 //! Owned here: `config.json` parsing, weight loading (safetensors, GGUF), the forward pass.
 //! Not here: scheduling, sampling, tokenization.
+//!
+//! # Layout
+//! - [`config`]: tolerant `config.json` parsing into [`ModelConfig`]; [`ModelError`].
+//! - `layers`: projections, rotary tables with per-token positions, attention over the slot cache
+//!   (batched decode, per-sequence prefill, GQA, sliding window, soft-capping).
+//! - [`llama`]: Llama, Mistral and Qwen2 (one graph), also used by GGUF models.
+//! - [`phi3`], [`gemma2`]: the other two families.
+//! - [`gguf`]: GGUF llama/qwen2 loading with optional CPU re-quantization and row padding.
+//! - [`load`] / [`load_with`]: pick the implementation from [`crate::hub::ModelFiles`].
 
 use candle_core::{DType, Tensor};
 

@@ -3,7 +3,7 @@
 //!
 //! Forked from candle-transformers 0.11.1 `src/models/phi3.rs` (MIT OR Apache-2.0, Copyright the
 //! candle authors). What changed: per-token positions and the engine-owned [`KvCache`] through
-//! [`crate::models::layers::attend`], batched sequences of any lengths, `lm_head` only on each
+//! `layers::attend`, batched sequences of any lengths, `lm_head` only on each
 //! sequence's last token, partial rotary and per-sequence longrope selection.
 //! Reference: transformers `models/phi3/modeling_phi3.py` (Abdin et al., 2024).
 
