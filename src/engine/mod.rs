@@ -194,16 +194,17 @@ impl EngineHandle {
             reply,
             submitted_at: std::time::Instant::now(),
         };
-        match self.commands.try_send(command) {
-            Ok(()) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(events)
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+        // Count it before the engine can see it, so the engine's decrement never comes first.
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let refused = match self.commands.try_send(command) {
+            Ok(()) => return Ok(events),
+            Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 capacity: self.commands.max_capacity(),
-            }),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
-        }
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => EngineError::Stopped,
+        };
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     /// Asks the engine thread to stop after its current step.
