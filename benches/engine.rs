@@ -41,10 +41,10 @@ const HEAD_DIM: usize = HIDDEN / HEADS;
 fn main() -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     println!("threads: {threads} (RAYON_NUM_THREADS / CANDLE_NUM_THREADS)");
-    let bandwidth = measure_bandwidth(threads);
+    let probe = BandwidthProbe::new(threads);
     println!(
-        "memory read bandwidth: {:.2} GB/s (1 GiB buffer, {threads} threads, best of 5)",
-        bandwidth / 1e9
+        "memory read bandwidth at start: {:.2} GB/s (1 GiB buffer, {threads} threads, best of 3; re-measured before every row)",
+        probe.measure() / 1e9
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
             c,
             weight_bytes,
             kv_bytes_per_token,
-            bandwidth,
+            &probe,
         )?);
     }
     drop(engine);
@@ -83,23 +83,22 @@ fn main() -> Result<()> {
             generation_config: None,
         };
         let tokenizer = Arc::new(wick::engine::loader::load_tokenizer(&files, None)?);
-        for (label, requantize, levels) in [
+        let as_stored = GgufOptions {
+            requantize: None,
+            pad_rows: false,
+        };
+        for (label, options, levels) in [
             (
-                "GGUF Q4_1 -> Q8_0 at load",
-                Some(GgmlDType::Q8_0),
+                "GGUF Q4_1 -> Q8_0 (rows padded) at load",
+                GgufOptions::for_device(&Device::Cpu),
                 &CONCURRENCY[..],
             ),
-            ("GGUF Q4_1 as stored", None, &CONCURRENCY[..2]),
+            ("GGUF Q4_1 as stored", as_stored, &CONCURRENCY[..2]),
         ] {
             let started = Instant::now();
-            let model = load_with(
-                &files,
-                &Device::Cpu,
-                DType::F32,
-                &GgufOptions { requantize },
-            )?;
+            let model = load_with(&files, &Device::Cpu, DType::F32, &options)?;
             println!("{label}: loaded in {:.2?}", started.elapsed());
-            let bytes = gguf_weight_bytes(&gguf, requantize)?;
+            let bytes = gguf_weight_bytes(&gguf, &options)?;
             let engine = start_engine(model, Arc::clone(&tokenizer), label)?;
             for &c in levels {
                 rows.push(run_level(
@@ -109,7 +108,7 @@ fn main() -> Result<()> {
                     c,
                     bytes,
                     kv_bytes_per_token,
-                    bandwidth,
+                    &probe,
                 )?);
             }
         }
@@ -120,19 +119,21 @@ fn main() -> Result<()> {
     }
 
     println!();
-    println!("| model | concurrent | TTFT mean | decode ms/step | decode tok/s (aggregate) | bytes read/step | bandwidth bound tok/s | % of bound |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| model | concurrent | TTFT mean | decode ms/step | decode tok/s (aggregate) | bytes read/step | bandwidth | bandwidth bound tok/s | % of bound | CPU share |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} ms | {:.1} | {:.1} | {:.0} MB | {:.1} | {:.0}% |",
+            "| {} | {} | {:.0} ms | {:.1} | {:.1} | {:.0} MB | {:.1} GB/s | {:.1} | {:.0}% | {:.2} |",
             r.label,
             r.concurrency,
             r.ttft.as_secs_f64() * 1e3,
             r.step.as_secs_f64() * 1e3,
             r.tokens_per_s,
             r.bytes_per_step as f64 / 1e6,
+            r.bandwidth / 1e9,
             r.bound_tokens_per_s,
-            100.0 * r.tokens_per_s / r.bound_tokens_per_s
+            100.0 * r.tokens_per_s / r.bound_tokens_per_s,
+            r.cpu_share
         );
     }
     for label in rows
@@ -162,7 +163,10 @@ struct Row {
     step: Duration,
     tokens_per_s: f64,
     bytes_per_step: usize,
+    bandwidth: f64,
     bound_tokens_per_s: f64,
+    /// CPU seconds used per wall second while the level ran (below the thread count = contention).
+    cpu_share: f64,
 }
 
 fn start_engine(
@@ -186,11 +190,15 @@ fn run_level(
     concurrency: usize,
     weight_bytes: usize,
     kv_bytes_per_token: usize,
-    bandwidth: f64,
+    probe: &BandwidthProbe,
 ) -> Result<Row> {
     // Warm-up: first-touch of weights and cache pages.
     rt.block_on(generate_all(engine, 1, 4, 999))?;
+    let bandwidth = probe.measure();
+    let (wall_before, cpu_before) = (Instant::now(), process_cpu_time());
     let summaries = rt.block_on(generate_all(engine, concurrency, MAX_TOKENS, 0))?;
+    let cpu_share =
+        (process_cpu_time() - cpu_before).as_secs_f64() / wall_before.elapsed().as_secs_f64();
     let mean = |f: &dyn Fn(&SeqSummary) -> Duration| {
         summaries.iter().map(f).sum::<Duration>() / summaries.len() as u32
     };
@@ -202,9 +210,10 @@ fn run_level(
     let bytes_per_step = weight_bytes + concurrency * mean_ctx * kv_bytes_per_token;
     let bound_tokens_per_s = concurrency as f64 * bandwidth / bytes_per_step as f64;
     println!(
-        "{label} x{concurrency}: TTFT {:.0} ms, {:.1} ms/step, {tokens_per_s:.1} tok/s (bound {bound_tokens_per_s:.1})",
+        "{label} x{concurrency}: TTFT {:.0} ms, {:.1} ms/step, {tokens_per_s:.1} tok/s (bound {bound_tokens_per_s:.1} at {:.1} GB/s), CPU share {cpu_share:.2}",
         ttft.as_secs_f64() * 1e3,
-        step.as_secs_f64() * 1e3
+        step.as_secs_f64() * 1e3,
+        bandwidth / 1e9
     );
     Ok(Row {
         label,
@@ -213,8 +222,20 @@ fn run_level(
         step,
         tokens_per_s,
         bytes_per_step,
+        bandwidth,
         bound_tokens_per_s,
+        cpu_share,
     })
+}
+
+/// CPU time (user + system) the whole process used so far.
+fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer is always allowed.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 async fn generate_all(
@@ -266,41 +287,57 @@ async fn generate_all(
     Ok(summaries)
 }
 
-/// Read bandwidth: threads each sum their share of a 1 GiB buffer; best of 5 passes.
-fn measure_bandwidth(threads: usize) -> f64 {
-    let len = (1usize << 30) / 8;
-    let buffer: Vec<u64> = (0..len as u64)
-        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        .collect();
-    let chunk = len.div_ceil(threads);
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let started = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = buffer
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        // Eight independent lanes so the sum is not latency-bound.
-                        let mut lanes = [0u64; 8];
-                        for block in part.chunks_exact(8) {
-                            for (lane, v) in lanes.iter_mut().zip(block) {
-                                *lane = lane.wrapping_add(*v);
-                            }
-                        }
-                        lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .fold(0u64, |a, b| a.wrapping_add(b))
-        });
-        std::hint::black_box(total);
-        best = best.min(started.elapsed().as_secs_f64());
+/// Read bandwidth: threads each sum their share of a 1 GiB buffer (allocated once); best of 3 passes.
+struct BandwidthProbe {
+    buffer: Vec<u64>,
+    threads: usize,
+}
+
+impl BandwidthProbe {
+    fn new(threads: usize) -> Self {
+        let len = (1usize << 30) / 8;
+        let buffer = (0..len as u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        BandwidthProbe {
+            buffer,
+            threads: threads.max(1),
+        }
     }
-    (len * 8) as f64 / best
+
+    /// Bytes per second.
+    fn measure(&self) -> f64 {
+        let chunk = self.buffer.len().div_ceil(self.threads);
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let total: u64 = std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .buffer
+                    .chunks(chunk)
+                    .map(|part| {
+                        s.spawn(move || {
+                            // Eight independent lanes so the sum is not latency-bound.
+                            let mut lanes = [0u64; 8];
+                            for block in part.chunks_exact(8) {
+                                for (lane, v) in lanes.iter_mut().zip(block) {
+                                    *lane = lane.wrapping_add(*v);
+                                }
+                            }
+                            lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .fold(0u64, |a, b| a.wrapping_add(b))
+            });
+            std::hint::black_box(total);
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        (self.buffer.len() * 8) as f64 / best
+    }
 }
 
 /// Writes a SmolLM2-135M-shaped llama (tied embeddings) with random N(0, 0.02) f32 weights.
@@ -395,8 +432,9 @@ fn word_level_tokenizer() -> Result<Tokenizer> {
     })
 }
 
-/// Bytes of the GGUF's matrices as the model holds them (re-quantized where wick re-quantizes).
-fn gguf_weight_bytes(path: &Path, requantize: Option<GgmlDType>) -> Result<usize> {
+/// Bytes of the GGUF's matrices as the model holds them (re-quantized and row-padded as `options` say).
+fn gguf_weight_bytes(path: &Path, options: &GgufOptions) -> Result<usize> {
+    const PAD: usize = 256;
     let mut file = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut file)?;
     let mut bytes = 0;
@@ -406,15 +444,22 @@ fn gguf_weight_bytes(path: &Path, requantize: Option<GgmlDType>) -> Result<usize
             continue;
         }
         let row = dims[dims.len() - 1];
+        let rows = info.shape.elem_count() / row;
         let slow = matches!(
             info.ggml_dtype,
             GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
         );
-        let dtype = match requantize {
+        let dtype = match options.requantize {
             Some(target) if slow && row % target.block_size() == 0 => target,
             _ => info.ggml_dtype,
         };
-        bytes += info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let repacked = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K);
+        let row = if options.pad_rows && repacked {
+            row.div_ceil(PAD) * PAD
+        } else {
+            row
+        };
+        bytes += rows * row / dtype.block_size() * dtype.type_size();
     }
     Ok(bytes)
 }

@@ -163,6 +163,9 @@ pub struct Config {
     /// Requests waiting for the engine beyond the running ones before the dev server answers 429.
     #[arg(long, env = "MAX_WAITING_REQUESTS", default_value_t = 256)]
     pub max_waiting_requests: usize,
+    /// Hugging Face Hub settings from the `HF_*` environment variables (no flags; see [`HubEnv`]).
+    #[arg(skip = HubEnv::from_env())]
+    pub hub_env: HubEnv,
     /// OpenAI streams through a queue job as strings of SSE lines (worker-vllm's default); 0/false
     /// yields lists of chunk objects instead.
     #[arg(long, env = "RAW_OPENAI_OUTPUT", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
@@ -170,9 +173,6 @@ pub struct Config {
     /// worker-vllm's name for the model name in OpenAI responses; wins over SERVED_MODEL_NAME there.
     #[arg(long, env = "OPENAI_SERVED_MODEL_NAME_OVERRIDE")]
     pub openai_served_model_name_override: Option<String>,
-    /// Hugging Face Hub settings from the `HF_*` environment variables (no flags; see [`HubEnv`]).
-    #[arg(skip = HubEnv::from_env())]
-    pub hub_env: HubEnv,
 }
 
 /// Hugging Face Hub settings, read from the environment under the names Python's `huggingface_hub`

@@ -145,3 +145,32 @@ fn the_largest_allowed_conversation_renders_within_the_fuel_budget() {
         .unwrap();
     assert!(rendered.contains("message number 1023"));
 }
+
+#[test]
+fn a_chat_template_jinja_file_next_to_the_tokenizer_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llama").join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "J:{{ messages[0].content }}",
+    )
+    .unwrap();
+    let files = ModelFiles {
+        config: None,
+        weights: WeightFiles::Safetensors(Vec::new()),
+        tokenizer_json: Some(dir.path().join("tokenizer.json")),
+        tokenizer_config: Some(dir.path().join("tokenizer_config.json")),
+        generation_config: None,
+    };
+    let tokenizer = Tokenizer::from_files(&files, None).unwrap();
+    let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+    assert_eq!(
+        tokenizer.apply_chat_template(&messages, true).unwrap(),
+        "J:hi"
+    );
+    // CUSTOM_CHAT_TEMPLATE still overrides everything.
+    let custom = Tokenizer::from_files(&files, Some("C:{{ messages[0].content }}")).unwrap();
+    assert_eq!(custom.apply_chat_template(&messages, true).unwrap(), "C:hi");
+}

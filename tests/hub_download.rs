@@ -795,14 +795,27 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
     }
 }
 
+/// The process-wide log capture (a global subscriber: a thread-local one misses events when other
+/// tests touch the same callsites first).
+fn captured_logs() -> LogBuffer {
+    static LOGS: std::sync::OnceLock<LogBuffer> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
+        logs
+    })
+    .clone()
+}
+
 #[tokio::test]
 async fn gated_repo_needs_a_token_which_never_reaches_logs_or_errors() {
-    let logs = LogBuffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(logs.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = captured_logs();
 
     let hub = start_hub().await;
     let mut repo = tiny_llama_repo();
@@ -1173,7 +1186,7 @@ fn median_ms(mut samples: Vec<Duration>) -> f64 {
 #[ignore = "benchmark (prints figures); run: cargo test --test hub_download -- --ignored --nocapture"]
 async fn bench_cold_download_and_warm_resolve() {
     use std::time::Instant;
-    tracing_subscriber::fmt().with_test_writer().try_init().ok();
+    let logs = captured_logs();
     let hub = start_hub().await;
     let size: usize = 100 * 1024 * 1024;
     let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(7) % 251) as u8).collect();
@@ -1256,5 +1269,38 @@ async fn bench_cold_download_and_warm_resolve() {
     println!(
         "warm resolve without a .verified marker (hashes once): {:.0} ms",
         rehash.as_secs_f64() * 1000.0
+    );
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for line in logs.lines().filter(|l| l.contains("wick::hub::")).take(4) {
+        println!("log: {line}");
+    }
+}
+
+#[tokio::test]
+async fn cache_filled_by_another_tool_is_hashed_once_then_trusted() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let online = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    // Python/hf-hub leave the same layout without wick's markers.
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    let markers: Vec<PathBuf> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "verified"))
+        .collect();
+    assert_eq!(markers.len(), 5, "one marker per file");
+    for marker in &markers {
+        std::fs::remove_file(marker).unwrap();
+    }
+    let mut offline = options(&hub, cache.path());
+    offline.offline = true;
+    hub.clear();
+    assert_eq!(resolve(&llama("main"), &offline).await.unwrap(), online);
+    assert!(hub.requests().is_empty());
+    assert!(
+        markers.iter().all(|m| m.exists()),
+        "markers written after hashing"
     );
 }

@@ -286,3 +286,37 @@ async fn openai_served_model_name_override_names_the_model_and_the_engine_name_i
     let (result, _) = job_support::run_with(&ctx, input, CancellationToken::new()).await;
     assert_eq!(result.unwrap()[0]["model"], "my-org/renamed");
 }
+
+#[tokio::test]
+async fn generation_config_defaults_apply_to_openai_routes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let generation_config = dir.path().join("generation_config.json");
+    std::fs::write(
+        &generation_config,
+        r#"{"temperature": 0.0, "max_new_tokens": 3}"#,
+    )
+    .unwrap();
+    let files = wick::hub::ModelFiles {
+        config: None,
+        weights: wick::hub::WeightFiles::Safetensors(Vec::new()),
+        tokenizer_json: None,
+        tokenizer_config: None,
+        generation_config: Some(generation_config),
+    };
+    let ctx = context().clone().with_model_files(&files);
+    assert_eq!(ctx.openai_defaults.max_new_tokens, Some(3));
+    let hello = case("hello");
+    // No temperature in the request: the model's 0.0 applies (greedy = the reference), and
+    // max_new_tokens caps even an explicit max_tokens.
+    let input = json!({"openai_route": "/v1/completions", "openai_input": {"prompt": hello.prompt, "max_tokens": 10}});
+    let (result, _) = job_support::run_with(&ctx, input, CancellationToken::new()).await;
+    let response = &result.unwrap()[0];
+    assert_eq!(response["usage"]["completion_tokens"], 3);
+    let text = response["choices"][0]["text"].as_str().unwrap();
+    assert!(hello.text.starts_with(text), "{text:?}");
+    // The native route keeps vLLM's SamplingParams defaults (worker-vllm does not read the file).
+    let input =
+        json!({"prompt": "Hello", "sampling_params": {"max_tokens": 10, "ignore_eos": true}});
+    let (result, _) = job_support::run_with(&ctx, input, CancellationToken::new()).await;
+    assert_eq!(result.unwrap()[0]["usage"]["output"], 10);
+}

@@ -483,3 +483,36 @@ async fn shutdown_grace_expiry_reports_unfinished_jobs_failed_and_retryable() {
     assert_eq!(error["retryable"], true);
     assert_eq!(report.shutdown_failed, 1);
 }
+
+#[tokio::test]
+async fn malformed_take_answers_never_stop_the_loop_and_jobs_with_ids_fail() {
+    let faults = Faults {
+        take_bodies: vec![
+            "<html>bad gateway</html>".into(),
+            r#"{"id": "no-input-1"}"#.into(),
+            r#"[{"id": "ok-1", "input": {"chunks": 1}}, 7, {"input": {}}]"#.into(),
+            "{}".into(),
+        ],
+        ..Faults::default()
+    };
+    let platform = common::start_platform(faults).await;
+    platform.platform.expect_job("no-input-1");
+    platform.platform.expect_job("ok-1");
+    let world = World::start_on(platform, fast_settings());
+    let bad = world.finish("no-input-1").await;
+    assert_eq!(bad.status, JobStatus::Failed);
+    let report = error_report(bad.error.as_deref().unwrap());
+    assert_eq!(report["error_type"], "validation");
+    assert_eq!(
+        report["error_message"],
+        "Job has missing field(s): id or input."
+    );
+    assert_eq!(world.finish("ok-1").await.status, JobStatus::Completed);
+    // The loop goes on: a normal job after the garbage still runs.
+    let id = world.platform().submit(json!({"chunks": 1}));
+    assert_eq!(world.finish(&id).await.status, JobStatus::Completed);
+    let report = world.stop().await;
+    // HTML, a job without input, a number, a job without id, and `{}`.
+    assert_eq!(report.malformed, 5);
+    assert_eq!(report.completed, 2);
+}

@@ -88,18 +88,18 @@ async fn pip_install(venv: &Path, package: &str) -> Install {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_clients_drive_the_server() {
-    let python = match run(
-        Command::new("python3").arg("--version"),
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        output if output.status.success() => "python3",
+    let python = "python3";
+    let probe = Command::new(python)
+        .arg("--version")
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), probe).await {
+        Ok(Ok(output)) if output.status.success() => {}
         _ => {
             eprintln!("SKIPPED official_python_clients_drive_the_server: python3 is not available");
             return;
         }
-    };
+    }
     let venv = venv_dir();
     if !venv.join("bin/python").exists() {
         let output = run(

@@ -50,10 +50,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, runpod)) {
+    let queue_mode = runpod.queue_configured()
+        && cli.command.is_none()
+        && !cli.config.serve_api
+        && cli.config.test_input.is_none();
+    match runtime.block_on(run(cli, runpod.clone())) {
         Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
+            if queue_mode {
+                // Tell the platform this worker is unhealthy, as the SDK's fitness checks do.
+                runtime.block_on(wick::queue::report_unhealthy(
+                    &runpod,
+                    "startup",
+                    &format!("{e:#}"),
+                ));
+            }
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,11 @@
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
+/// Most tokens held back waiting for the rest of a UTF-8 character (one character is at most four
+/// bytes, so at most four byte tokens); past this the text is emitted as decoded (with U+FFFD),
+/// which keeps each step's decode window small even when a model emits stray bytes.
+const MAX_HELD_TOKENS: usize = 8;
+
 /// Per-sequence incremental decoder.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDecoder {
@@ -56,7 +61,9 @@ impl IncrementalDecoder {
         )?;
         let full_text =
             tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        if !flush && (full_text.len() <= prefix_text.len() || full_text.ends_with('\u{FFFD}')) {
+        let incomplete =
+            full_text.ends_with('\u{FFFD}') && self.ids.len() - self.read_offset < MAX_HELD_TOKENS;
+        if !flush && (full_text.len() <= prefix_text.len() || incomplete) {
             // Nothing new yet, or the tail is an incomplete UTF-8 character: wait for more ids.
             return Ok(String::new());
         }
@@ -122,6 +129,28 @@ mod tests {
             streamed.push_str(&dec.flush(&tok).unwrap());
             assert_eq!(streamed, tok.decode(&ids, true).unwrap(), "{family}");
         }
+    }
+
+    #[test]
+    fn stray_bytes_are_released_after_a_bounded_wait() {
+        let tok = fixture_tokenizer("tiny-llama");
+        // A continuation byte alone never completes a character.
+        let stray = tok
+            .inner
+            .token_to_id("\u{80}")
+            .or_else(|| tok.inner.token_to_id("Ā"))
+            .unwrap();
+        let mut dec = IncrementalDecoder::new(true);
+        let mut streamed = String::new();
+        for _ in 0..MAX_HELD_TOKENS + 1 {
+            streamed.push_str(&dec.push(&tok, stray).unwrap());
+        }
+        assert!(!streamed.is_empty(), "held back forever");
+        streamed.push_str(&dec.flush(&tok).unwrap());
+        assert_eq!(
+            streamed,
+            tok.decode(&[stray; MAX_HELD_TOKENS + 1], true).unwrap()
+        );
     }
 
     #[test]

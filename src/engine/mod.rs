@@ -194,16 +194,17 @@ impl EngineHandle {
             reply,
             submitted_at: std::time::Instant::now(),
         };
-        match self.commands.try_send(command) {
-            Ok(()) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(events)
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+        // Count it before the engine can see it, so the engine's decrement never comes first.
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let refused = match self.commands.try_send(command) {
+            Ok(()) => return Ok(events),
+            Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 capacity: self.commands.max_capacity(),
-            }),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
-        }
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => EngineError::Stopped,
+        };
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     /// Asks the engine thread to stop after its current step.
@@ -268,6 +269,24 @@ impl EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Rejects sizes the engine cannot run with.
+    fn check(&self) -> Result<(), EngineError> {
+        if self.max_num_seqs == 0
+            || self.max_model_len < 2
+            || self.max_num_batched_tokens == 0
+            || self.inbox_capacity == 0
+        {
+            return Err(EngineError::Model(format!(
+                "invalid engine config: max_num_seqs {}, max_model_len {}, max_num_batched_tokens {}, \
+                 inbox_capacity {} (all must be > 0, max_model_len >= 2)",
+                self.max_num_seqs, self.max_model_len, self.max_num_batched_tokens, self.inbox_capacity
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Describes a device for logs and [`EngineInfo`].
 pub fn device_name(device: &Device) -> String {
     match device.location() {
@@ -288,16 +307,7 @@ pub fn spawn(
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
 ) -> Result<EngineHandle, EngineError> {
-    if config.max_num_seqs == 0
-        || config.max_model_len < 2
-        || config.max_num_batched_tokens == 0
-        || config.inbox_capacity == 0
-    {
-        return Err(EngineError::Model(format!(
-            "invalid engine config: max_num_seqs {}, max_model_len {}, max_num_batched_tokens {}, inbox_capacity {} (all must be > 0, max_model_len >= 2)",
-            config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens, config.inbox_capacity
-        )));
-    }
+    config.check()?;
     let model_info = model.info().clone();
     let cache = kv_cache::KvCache::new(
         &model_info,
@@ -354,4 +364,26 @@ pub fn spawn(
         .spawn(move || state.run())
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
     Ok(EngineHandle::new(commands, info, stats, tokenizer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_config_rejects_sizes_it_cannot_run_with() {
+        assert!(EngineConfig::for_cpu("m", 64, 4).check().is_ok());
+        assert!(EngineConfig::for_cpu("m", 1, 4).check().is_err());
+        assert!(EngineConfig::for_cpu("m", 64, 0).check().is_err());
+        let no_budget = EngineConfig {
+            max_num_batched_tokens: 0,
+            ..EngineConfig::for_cpu("m", 64, 4)
+        };
+        assert!(no_budget.check().is_err());
+    }
+
+    #[test]
+    fn device_names_are_stable() {
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+    }
 }

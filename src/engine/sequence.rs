@@ -12,7 +12,7 @@ use super::detok::IncrementalDecoder;
 use super::request::{
     FinishReason, GenerateRequest, GeneratedToken, SeqEvent, SeqSummary, StopMatch, TokenLogprob,
 };
-use super::sampler::Sampler;
+use super::sampler::{Sampled, Sampler};
 use super::scheduler::SeqId;
 use super::stop::{StopChecker, StopOutcome};
 use crate::tokenizer::Tokenizer;
@@ -28,6 +28,22 @@ pub enum TokenOutcome {
     Cancelled,
     /// Detokenizing failed; fail the sequence with this message.
     Failed(String),
+}
+
+/// The chosen token's and the top tokens' log-probabilities, with their text.
+fn logprob_details(sampled: &Sampled, tokenizer: &Tokenizer) -> GeneratedToken {
+    let entry = |id: u32, logprob: f32| TokenLogprob {
+        token_id: id,
+        token: tokenizer.decode(&[id], false).unwrap_or_default(),
+        logprob,
+    };
+    GeneratedToken {
+        chosen: entry(
+            sampled.token_id,
+            sampled.logprob.unwrap_or(f32::NEG_INFINITY),
+        ),
+        top: sampled.top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
+    }
 }
 
 /// Timestamps for the summary.
@@ -146,15 +162,7 @@ impl Sequence {
             .push_text(&delta, generated, token_stop.is_some() || length_stop);
 
         let logprobs = if self.wants_logprobs {
-            let entry = |id: u32, logprob: f32| TokenLogprob {
-                token_id: id,
-                token: tokenizer.decode(&[id], false).unwrap_or_default(),
-                logprob,
-            };
-            vec![GeneratedToken {
-                chosen: entry(token_id, sampled.logprob.unwrap_or(f32::NEG_INFINITY)),
-                top: sampled.top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
-            }]
+            vec![logprob_details(&sampled, tokenizer)]
         } else {
             Vec::new()
         };

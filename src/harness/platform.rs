@@ -33,6 +33,9 @@ pub struct Faults {
     pub duplicate_pct: f64,
     /// Statuses to answer the next job-take polls with, in order (then normal behaviour).
     pub take_script: Vec<u16>,
+    /// Raw JSON bodies to answer the next job-take polls with (200), in order, before the queue:
+    /// malformed jobs, garbage, batches the worker did not ask for.
+    pub take_bodies: Vec<String>,
     /// Statuses to answer the next job-done posts with, in order, without applying them; `0`
     /// applies the post and cuts its answer off.
     pub done_script: Vec<u16>,
@@ -393,6 +396,19 @@ impl Platform {
         }
         self.inner.job_queued.notify_waiters();
         self.inner.job_changed.notify_waiters();
+    }
+
+    /// Records a job as handed out without queueing it (for jobs delivered through
+    /// [`Faults::take_bodies`]), so its result can be received.
+    pub fn expect_job(&self, id: &str) {
+        self.submit_with_id(id, Value::Null);
+        let mut state = self.lock();
+        state.queue.retain(|queued| queued != id);
+        if let Some(job) = state.jobs.get_mut(id) {
+            job.status = JobStatus::InProgress;
+            job.deliveries = 1;
+            job.taken_at = Some(Instant::now());
+        }
     }
 
     /// Queues a job id again without resetting its record: a duplicate delivery of the same job.

@@ -117,6 +117,18 @@ async fn take(
     headers: HeaderMap,
     batch_size: usize,
 ) -> Response {
+    let raw = {
+        let mut state = platform.lock();
+        (!state.faults.take_bodies.is_empty()).then(|| state.faults.take_bodies.remove(0))
+    };
+    if let Some(body) = raw {
+        record(&platform, route, &uri, &headers, "", 200);
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+    }
     let scripted = {
         let mut state = platform.lock();
         if !state.faults.take_script.is_empty() {

@@ -270,14 +270,27 @@ impl FileLock {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
+        // Lock files are empty and shared with hf-hub and Python (other users of a shared cache may need
+        // to open them), so they get the normal file mode; an existing one we may not write is opened
+        // read-only, which is enough for flock.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o600)
+            .mode(0o666)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(path)
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(io)?;
         // SAFETY: flock on a file descriptor we own for the duration of the call; no memory is shared.
         let rc = unsafe {
@@ -492,7 +505,8 @@ mod tests {
             .unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
+            default_file_mode(),
+            "empty lock files shared with other tools get the normal mode"
         );
     }
 

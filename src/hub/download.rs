@@ -49,11 +49,15 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The files that come with safetensors weights; `true` = required.
-const SAFETENSORS_COMPANIONS: [(&str, bool); 4] = [
+/// Newer repos keep the chat template only in `chat_template.jinja` / `chat_template.json`, which the
+/// tokenizer loader finds next to `tokenizer.json` in the snapshot directory.
+const SAFETENSORS_COMPANIONS: [(&str, bool); 6] = [
     ("config.json", true),
     ("tokenizer.json", true),
     ("tokenizer_config.json", false),
     ("generation_config.json", false),
+    ("chat_template.jinja", false),
+    ("chat_template.json", false),
 ];
 
 /// Resolves a Hub model to local files (see the module docs).

@@ -31,6 +31,11 @@
 //!   `RAW_OPENAI_OUTPUT=1`); with [`JobContext::raw_openai_output`] off, items are lists of chunk
 //!   objects and `[DONE]` is dropped.
 //! - `/v1/models`: one item, the model list object.
+//! - Sampling defaults: vLLM's, plus (OpenAI routes only, as vLLM's OpenAI server) the model's
+//!   `generation_config.json` values for fields the request leaves out, once the caller attaches them
+//!   with [`JobContext::with_model_files`]. `max_tokens`: native 100 (worker-vllm injects it),
+//!   completions 16, chat the rest of the context; a default never exceeds the context, an explicit
+//!   value that does is a validation error.
 //!
 //! Errors end the job with a [`JobError`] (never an error object inside a COMPLETED output, unlike
 //! worker-vllm); the caller formats it ([`JobError::error_type`] + message).
@@ -53,7 +58,7 @@ use crate::error::JobError;
 
 pub use input::{JobInput, NativeInput, OpenAiRoute};
 pub use stream::StreamBatching;
-pub use validate::JobLimits;
+pub use validate::{JobLimits, ModelSamplingDefaults};
 
 /// Everything a job needs besides its input. Cheap to clone (the engine handle is a channel sender).
 #[derive(Debug, Clone)]
@@ -72,6 +77,9 @@ pub struct JobContext {
     pub raw_openai_output: bool,
     /// Longest a job may run, from start to last token.
     pub request_timeout: Duration,
+    /// The model's `generation_config.json` sampling defaults, applied on the OpenAI routes as vLLM
+    /// does (none until [`JobContext::with_model_files`]).
+    pub openai_defaults: ModelSamplingDefaults,
 }
 
 impl JobContext {
@@ -89,8 +97,30 @@ impl JobContext {
             stream_defaults: StreamBatching::from_config(config),
             raw_openai_output: config.raw_openai_output,
             request_timeout: Duration::from_secs(config.request_timeout_secs.max(1)),
+            openai_defaults: ModelSamplingDefaults::default(),
             engine,
         }
+    }
+}
+
+impl JobContext {
+    /// Takes the model's sampling defaults from its `generation_config.json` (when it has one) for
+    /// the OpenAI routes, as vLLM's OpenAI server does. A missing or unreadable file means no
+    /// defaults (logged), never a failure: the file is optional.
+    pub fn with_model_files(mut self, files: &crate::hub::ModelFiles) -> JobContext {
+        let Some(path) = files.generation_config.as_deref() else {
+            return self;
+        };
+        let parsed = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(config) => {
+                self.openai_defaults = ModelSamplingDefaults::from_generation_config(&config)
+            }
+            Err(error) => tracing::warn!(%error, "generation_config.json ignored: cannot read it"),
+        }
+        self
     }
 }
 

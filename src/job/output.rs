@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::input::{NativeInput, PromptSource};
-use super::stream::{expand_n, BatchSize, Generation};
+use super::stream::{expand_n, BatchSize, Generation, StreamBatching};
 use super::validate::{self, fit_max_tokens, MaxTokensDefault};
 use super::JobContext;
 use crate::engine::{FinishReason, GeneratedToken, SeqEvent, SeqSummary, TokenLogprob};
@@ -212,6 +212,98 @@ fn native_item(choices: &mut [NativeChoice], prompt_tokens: usize, with_logprobs
     json!({"choices": choices, "usage": {"input": prompt_tokens, "output": output}})
 }
 
+/// Turns a native job's sequence events into worker-vllm items (pure state machine: no engine, no
+/// channels). Streaming, an item is ready whenever the current batch is full; otherwise one item
+/// holds everything at the end.
+#[derive(Debug)]
+struct NativeShaper {
+    choices: Vec<NativeChoice>,
+    stream: bool,
+    with_logprobs: bool,
+    prompt_tokens: usize,
+    batch_size: BatchSize,
+    /// Tokens (over all choices) in the current batch.
+    batch_count: usize,
+    /// A choice finished since the last item.
+    pending_finish: bool,
+}
+
+impl NativeShaper {
+    fn new(
+        n: usize,
+        stream: bool,
+        with_logprobs: bool,
+        prompt_tokens: usize,
+        batching: StreamBatching,
+    ) -> Self {
+        let mut choices: Vec<NativeChoice> = (0..n).map(|_| NativeChoice::default()).collect();
+        if !stream {
+            // One entry per choice that accumulates the whole text.
+            choices
+                .iter_mut()
+                .for_each(|c| c.tokens.push(String::new()));
+        }
+        NativeShaper {
+            choices,
+            stream,
+            with_logprobs,
+            prompt_tokens,
+            batch_size: BatchSize::new(batching),
+            batch_count: 0,
+            pending_finish: false,
+        }
+    }
+
+    /// Takes one event of choice `index`; returns an item when a stream batch is full.
+    ///
+    /// # Errors
+    /// The sequence failed or was cancelled by the engine ([`check_summary`]).
+    fn on_event(&mut self, index: usize, event: SeqEvent) -> Result<Option<Value>, JobError> {
+        let choice = &mut self.choices[index];
+        match event {
+            SeqEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => {
+                choice.generated += token_ids.len();
+                if self.with_logprobs {
+                    choice.logprobs.extend(logprobs.iter().map(native_logprob));
+                }
+                if self.stream {
+                    choice.tokens.push(text);
+                    self.batch_count += token_ids.len().max(1);
+                } else if let Some(whole) = choice.tokens.first_mut() {
+                    whole.push_str(&text);
+                }
+            }
+            SeqEvent::Finished(summary) => {
+                check_summary(&summary)?;
+                choice.generated = choice.generated.max(summary.completion_tokens);
+                choice.finish_reason = Some(summary.finish_reason);
+                self.pending_finish = true;
+            }
+        }
+        if self.stream && self.batch_size.is_full(self.batch_count) {
+            self.batch_count = 0;
+            self.pending_finish = false;
+            self.batch_size.advance();
+            return Ok(Some(native_item(
+                &mut self.choices,
+                self.prompt_tokens,
+                self.with_logprobs,
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The last item, once every sequence finished (none when a stream has nothing left to say).
+    fn finish(mut self) -> Option<Value> {
+        (!self.stream || self.batch_count > 0 || self.pending_finish)
+            .then(|| native_item(&mut self.choices, self.prompt_tokens, self.with_logprobs))
+    }
+}
+
 /// Runs a native job (`prompt` / `messages`) and yields its items.
 pub(crate) async fn run_native(
     ctx: &JobContext,
@@ -237,67 +329,33 @@ pub(crate) async fn run_native(
         params.min_tokens,
         ctx.limits.max_model_len,
     )?;
-    let with_logprobs = params.logprobs.is_some();
-    let prompt_tokens = prompt_ids.len();
     tracing::debug!(
-        prompt_tokens,
+        prompt_tokens = prompt_ids.len(),
         n = resolved.n,
         max_tokens = params.max_tokens,
         stream = input.stream,
         "native job validated"
     );
-    let specs = expand_n(&prompt_ids, &params, resolved.n);
-    let mut generation = Generation::start(&ctx.engine, request_id, specs, ctx.request_timeout)?;
     let batching = ctx.stream_defaults.with_overrides(
         input.max_batch_size,
         input.min_batch_size,
         input.batch_size_growth_factor,
     );
-    let mut batch_size = BatchSize::new(batching);
-    let mut batch_count = 0usize;
-    let mut pending_finish = false;
-    let mut choices: Vec<NativeChoice> = (0..resolved.n).map(|_| NativeChoice::default()).collect();
-    if !input.stream {
-        choices
-            .iter_mut()
-            .for_each(|c| c.tokens.push(String::new()));
-    }
+    let mut shaper = NativeShaper::new(
+        resolved.n,
+        input.stream,
+        params.logprobs.is_some(),
+        prompt_ids.len(),
+        batching,
+    );
+    let specs = expand_n(&prompt_ids, &params, resolved.n);
+    let mut generation = Generation::start(&ctx.engine, request_id, specs, ctx.request_timeout)?;
     while let Some((index, event)) = generation.next(cancel).await? {
-        let choice = &mut choices[index];
-        match event {
-            SeqEvent::Delta {
-                text,
-                token_ids,
-                logprobs,
-            } => {
-                choice.generated += token_ids.len();
-                if with_logprobs {
-                    choice.logprobs.extend(logprobs.iter().map(native_logprob));
-                }
-                if input.stream {
-                    choice.tokens.push(text);
-                    batch_count += token_ids.len().max(1);
-                } else if let Some(whole) = choice.tokens.first_mut() {
-                    whole.push_str(&text);
-                }
-            }
-            SeqEvent::Finished(summary) => {
-                check_summary(&summary)?;
-                choice.generated = choice.generated.max(summary.completion_tokens);
-                choice.finish_reason = Some(summary.finish_reason);
-                pending_finish = true;
-            }
-        }
-        if input.stream && batch_size.is_full(batch_count) {
-            let item = native_item(&mut choices, prompt_tokens, with_logprobs);
+        if let Some(item) = shaper.on_event(index, event)? {
             sink.emit(item, cancel).await?;
-            batch_count = 0;
-            pending_finish = false;
-            batch_size.advance();
         }
     }
-    if !input.stream || batch_count > 0 || pending_finish {
-        let item = native_item(&mut choices, prompt_tokens, with_logprobs);
+    if let Some(item) = shaper.finish() {
         sink.emit(item, cancel).await?;
     }
     Ok(())
@@ -356,5 +414,80 @@ mod tests {
             json!({"token": "t3", "token_id": 3, "logprob": -0.5, "top_logprobs": [
                 {"token": "t3", "token_id": 3, "logprob": -0.5}, {"token": "t4", "token_id": 4, "logprob": -1.0}]})
         );
+    }
+
+    fn delta(text: &str) -> SeqEvent {
+        SeqEvent::Delta {
+            text: text.into(),
+            token_ids: vec![1],
+            logprobs: Vec::new(),
+        }
+    }
+
+    fn finished(reason: FinishReason, completion_tokens: usize) -> SeqEvent {
+        SeqEvent::Finished(SeqSummary {
+            finish_reason: reason,
+            stop_match: None,
+            prompt_tokens: 3,
+            completion_tokens,
+            time_to_first_token: None,
+            time_per_output_token: None,
+            queue_time: std::time::Duration::ZERO,
+            error: None,
+        })
+    }
+
+    #[test]
+    fn shaper_streams_growing_batches_and_a_final_finish_item() {
+        let mut shaper = NativeShaper::new(1, true, false, 3, StreamBatching::default());
+        let mut items = Vec::new();
+        for i in 0..4 {
+            items.extend(shaper.on_event(0, delta(&i.to_string())).unwrap());
+        }
+        // Batches of 1 and 3 filled exactly; the finish comes after, in its own item.
+        items.extend(shaper.on_event(0, finished(FinishReason::Stop, 4)).unwrap());
+        items.extend(shaper.finish());
+        assert_eq!(
+            items,
+            vec![
+                json!({"choices": [{"tokens": ["0"]}], "usage": {"input": 3, "output": 1}}),
+                json!({"choices": [{"tokens": ["1", "2", "3"]}], "usage": {"input": 3, "output": 4}}),
+                json!({"choices": [{"tokens": [], "finish_reason": "stop"}], "usage": {"input": 3, "output": 4}}),
+            ]
+        );
+    }
+
+    #[test]
+    fn shaper_without_stream_yields_one_item_with_the_whole_text() {
+        let mut shaper = NativeShaper::new(2, false, false, 3, StreamBatching::default());
+        for (index, text) in [(0, "a"), (1, "x"), (0, "b")] {
+            assert_eq!(shaper.on_event(index, delta(text)).unwrap(), None);
+        }
+        shaper
+            .on_event(0, finished(FinishReason::Length, 2))
+            .unwrap();
+        shaper.on_event(1, finished(FinishReason::Stop, 1)).unwrap();
+        assert_eq!(
+            shaper.finish(),
+            Some(
+                json!({"choices": [{"tokens": ["ab"], "finish_reason": "length"}, {"tokens": ["x"], "finish_reason": "stop"}],
+                "usage": {"input": 3, "output": 3}})
+            )
+        );
+    }
+
+    #[test]
+    fn shaper_fails_the_job_when_a_sequence_fails() {
+        let mut shaper = NativeShaper::new(1, true, false, 3, StreamBatching::default());
+        let failed = SeqEvent::Finished(SeqSummary {
+            error: Some("boom".into()),
+            ..match finished(FinishReason::Error, 0) {
+                SeqEvent::Finished(s) => s,
+                SeqEvent::Delta { .. } => unreachable!(),
+            }
+        });
+        let err = shaper.on_event(0, failed).unwrap_err();
+        assert_eq!(err.error_type(), "generation");
+        assert!(err.to_string().contains("boom"));
     }
 }

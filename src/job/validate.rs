@@ -239,6 +239,57 @@ pub fn normalize_messages(messages: &Value, limits: &JobLimits) -> Result<Value,
     Ok(Value::Array(out))
 }
 
+/// The model's own sampling defaults from `generation_config.json`, which vLLM's OpenAI server applies
+/// to every field a request leaves out (`--generation-config auto`): `temperature`, `top_p`, `top_k`,
+/// `min_p`, `repetition_penalty`, and `max_new_tokens` as a cap on `max_tokens`. worker-vllm's native
+/// path does not use them, so only the OpenAI routes do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSamplingDefaults {
+    /// `temperature`.
+    pub temperature: Option<f64>,
+    /// `top_p`.
+    pub top_p: Option<f64>,
+    /// `top_k`.
+    pub top_k: Option<i64>,
+    /// `min_p`.
+    pub min_p: Option<f64>,
+    /// `repetition_penalty`.
+    pub repetition_penalty: Option<f64>,
+    /// `max_new_tokens`: the most tokens any request generates.
+    pub max_new_tokens: Option<usize>,
+}
+
+impl ModelSamplingDefaults {
+    /// Reads the fields vLLM reads from a parsed `generation_config.json`; others are ignored.
+    pub fn from_generation_config(config: &Value) -> ModelSamplingDefaults {
+        let float = |key: &str| config.get(key).and_then(Value::as_f64);
+        ModelSamplingDefaults {
+            temperature: float("temperature"),
+            top_p: float("top_p"),
+            top_k: config.get("top_k").and_then(Value::as_i64),
+            min_p: float("min_p"),
+            repetition_penalty: float("repetition_penalty"),
+            max_new_tokens: config
+                .get("max_new_tokens")
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0),
+        }
+    }
+
+    /// `raw` with every sampling field it leaves out taken from these defaults.
+    pub fn fill(&self, raw: &RawSamplingParams) -> RawSamplingParams {
+        RawSamplingParams {
+            temperature: raw.temperature.or(self.temperature),
+            top_p: raw.top_p.or(self.top_p),
+            top_k: raw.top_k.or(self.top_k),
+            min_p: raw.min_p.or(self.min_p),
+            repetition_penalty: raw.repetition_penalty.or(self.repetition_penalty),
+            ..raw.clone()
+        }
+    }
+}
+
 /// How `max_tokens` is filled in when the request leaves it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaxTokensDefault {
@@ -692,6 +743,28 @@ mod tests {
             "`prompt` must have less than 2048 tokens. Given: 2048"
         );
         assert_eq!(err.error_type(), "validation");
+    }
+
+    #[test]
+    fn model_defaults_fill_only_missing_fields() {
+        let defaults = ModelSamplingDefaults::from_generation_config(&json!({
+            "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+            "max_new_tokens": 512, "do_sample": true, "eos_token_id": [1]}));
+        assert_eq!(defaults.max_new_tokens, Some(512));
+        let raw = RawSamplingParams {
+            temperature: Some(0.0),
+            ..RawSamplingParams::default()
+        };
+        let filled = defaults.fill(&raw);
+        assert_eq!(filled.temperature, Some(0.0));
+        assert_eq!(filled.top_p, Some(0.8));
+        assert_eq!(filled.top_k, Some(20));
+        assert_eq!(filled.repetition_penalty, Some(1.05));
+        assert_eq!(filled.min_p, None);
+        assert_eq!(
+            ModelSamplingDefaults::from_generation_config(&json!({})),
+            ModelSamplingDefaults::default()
+        );
     }
 
     #[test]

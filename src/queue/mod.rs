@@ -15,11 +15,13 @@
 //! - [`backoff`]: retry policies and jitter.
 //! - [`table`]: the in-flight job table (duplicates, `job_in_progress`, ping ids, job-stop).
 //! - `ping`: the heartbeat thread.
-//! - `worker`: the take loop, job tasks and shutdown drain ([`run_worker`]).
+//! - `worker`: the take loop, the job-stop loop and the shutdown drain ([`run_worker`]).
+//! - `job_task`: one job's run, stream posts and final delivery.
 //! - [`oneshot`]: `--test-input` / `test_input.json`.
 
 pub mod backoff;
 pub mod client;
+mod job_task;
 pub mod oneshot;
 mod ping;
 pub mod table;
@@ -36,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::JobError;
 
 pub use client::{PostOutcome, QueueError, Timeouts};
+pub use ping::report_unhealthy;
 pub use wire::WorkerIdentity;
 pub use worker::{run_worker, StartError, WorkerReport, WorkerSettings};
 

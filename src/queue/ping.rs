@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 use super::backoff::{Jitter, RetryPolicy};
 use super::client::{build_http, is_retryable_status};
 use super::table::JobTable;
-use super::urls::Endpoints;
-use crate::config::Secret;
+use super::urls::{encode_component, with_query, Endpoints};
+use crate::config::{RunpodEnv, Secret};
 
 /// Shortest heartbeat period we honour (the SDK turns values under 1000 ms into a zero-second busy
 /// loop; we keep millisecond precision but never spin).
@@ -139,5 +139,42 @@ async fn send_ping(http: &reqwest::Client, url: &str, timeout: Duration, jitter:
             return;
         }
         tokio::time::sleep(policy.delay(attempt, jitter)).await;
+    }
+}
+
+/// Longest `reason` sent in a fitness-failure report (as the SDK).
+const MAX_REASON_CHARS: usize = 256;
+
+/// Reports a startup failure to the platform, as the SDK's fitness checks do (spec §8): one
+/// `GET <ping URL>?status=unhealthy&check=<name>&reason=<≤256 chars>&runpod_version=...` with a 2 s
+/// timeout. Sent only when the ping URL is set; returns whether the platform acknowledged it.
+pub async fn report_unhealthy(env: &RunpodEnv, check: &str, reason: &str) -> bool {
+    let Some(template) = env.ping_url.as_deref() else {
+        return false;
+    };
+    let worker_id = env.pod_id.as_deref().unwrap_or("unknown");
+    let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+    let mut url = template.replace("$RUNPOD_POD_ID", worker_id);
+    url = with_query(&url, "status", "unhealthy");
+    url = with_query(&url, "check", &encode_component(check));
+    url = with_query(&url, "reason", &encode_component(&reason));
+    url = with_query(
+        &url,
+        "runpod_version",
+        &encode_component(super::RUNPOD_SDK_VERSION),
+    );
+    let timeout = Duration::from_secs(2);
+    let Ok(http) = build_http(env.api_key.as_ref(), timeout) else {
+        return false;
+    };
+    match http.get(&url).timeout(timeout).send().await {
+        Ok(response) => response.status().is_success(),
+        Err(error) => {
+            warn!(
+                timeout = error.is_timeout(),
+                "unhealthy report could not be sent"
+            );
+            false
+        }
     }
 }

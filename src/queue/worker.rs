@@ -7,20 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use thiserror::Error;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::backoff::{Jitter, RetryPolicy};
-use super::client::{log_undelivered, PlatformClient, PostOutcome, QueueError, Timeouts};
+use super::client::{PlatformClient, QueueError, Timeouts};
+use super::job_task::{report_failure, run_job_task};
 use super::ping::Heartbeat;
 use super::table::JobTable;
 use super::urls::Endpoints;
-use super::wire::{self, TakenJob, WorkerIdentity};
-use super::{JobRunner, JobSpec};
+use super::wire::WorkerIdentity;
+use super::JobRunner;
 use crate::config::{Config, RunpodEnv};
 use crate::error::JobError;
 
@@ -121,19 +121,19 @@ pub struct WorkerReport {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    taken: AtomicU64,
-    completed: AtomicU64,
-    failed: AtomicU64,
-    stopped: AtomicU64,
-    duplicates: AtomicU64,
-    malformed: AtomicU64,
-    shutdown_failed: AtomicU64,
-    undelivered: AtomicU64,
+pub(super) struct Counters {
+    pub(super) taken: AtomicU64,
+    pub(super) completed: AtomicU64,
+    pub(super) failed: AtomicU64,
+    pub(super) stopped: AtomicU64,
+    pub(super) duplicates: AtomicU64,
+    pub(super) malformed: AtomicU64,
+    pub(super) shutdown_failed: AtomicU64,
+    pub(super) undelivered: AtomicU64,
 }
 
 impl Counters {
-    fn bump(counter: &AtomicU64) {
+    pub(super) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -153,17 +153,17 @@ impl Counters {
 }
 
 /// Everything a job task needs, shared by all of them.
-struct Shared<R> {
-    runner: Arc<R>,
-    client: PlatformClient,
-    table: Arc<JobTable>,
-    settings: WorkerSettings,
-    identity: WorkerIdentity,
-    counters: Counters,
+pub(super) struct Shared<R> {
+    pub(super) runner: Arc<R>,
+    pub(super) client: PlatformClient,
+    pub(super) table: Arc<JobTable>,
+    pub(super) settings: WorkerSettings,
+    pub(super) identity: WorkerIdentity,
+    pub(super) counters: Counters,
     /// Fired when the shutdown grace runs out: unfinished jobs are reported failed.
-    grace_expired: CancellationToken,
+    pub(super) grace_expired: CancellationToken,
     /// Whether a job-stream URL is configured.
-    streams: bool,
+    pub(super) streams: bool,
 }
 
 /// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
@@ -374,217 +374,6 @@ async fn take_loop<R: JobRunner>(
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
             }
-        }
-    }
-}
-
-/// How a job's run ended.
-enum Ending {
-    Finished(Result<Value, JobError>),
-    Stopped,
-    GraceExpired,
-    TimedOut,
-}
-
-/// Runs one job: chunks to job-stream in order, then the final body to job-done.
-async fn run_job_task<R: JobRunner>(
-    shared: Arc<Shared<R>>,
-    job: TakenJob,
-    permit: Option<OwnedSemaphorePermit>,
-    cancel: CancellationToken,
-    semaphore: Arc<Semaphore>,
-) {
-    let id = job.id.clone();
-    // A job beyond the slots we asked for (the platform sent more) waits for a free slot.
-    let _permit = match permit {
-        Some(permit) => Some(permit),
-        None => tokio::select! {
-            permit = semaphore.acquire_owned() => permit.ok(),
-            () = shared.grace_expired.cancelled() => None,
-        },
-    };
-    let started = Instant::now();
-    info!("Started.");
-    let ending = if shared.grace_expired.is_cancelled() {
-        Ending::GraceExpired
-    } else {
-        execute(&shared, job, &cancel).await
-    };
-    // Whatever ended the run, make sure generation stops.
-    cancel.cancel();
-    let result = match ending {
-        Ending::Finished(Err(JobError::Cancelled)) | Ending::Stopped
-            if shared.table.was_stopped(&id) =>
-        {
-            Counters::bump(&shared.counters.stopped);
-            info!("stopped by the job-stop channel; no result posted");
-            shared.table.remove(&id);
-            return;
-        }
-        Ending::Finished(result) => result,
-        Ending::Stopped => Err(JobError::Cancelled),
-        Ending::GraceExpired => {
-            Counters::bump(&shared.counters.shutdown_failed);
-            Err(JobError::ShuttingDown(
-                "the worker is shutting down and the job did not finish within the grace period"
-                    .into(),
-            ))
-        }
-        Ending::TimedOut => Err(JobError::Timeout(format!(
-            "the job ran past its deadline of {} s",
-            shared.settings.job_timeout.as_secs()
-        ))),
-    };
-    let body = match result {
-        Ok(output) => wire::result_body(output),
-        Err(error) => {
-            info!(error_type = error.error_type(), "job failed");
-            wire::error_body(
-                error.error_type(),
-                &error.to_string(),
-                error.is_retryable(),
-                &shared.identity,
-            )
-        }
-    };
-    deliver_final(&shared, &id, body).await;
-    shared.table.remove(&id);
-    info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "Finished."
-    );
-}
-
-/// Runs the runner and the stream poster together until the job finishes, is stopped, times out
-/// or the shutdown grace expires.
-async fn execute<R: JobRunner>(
-    shared: &Shared<R>,
-    job: TakenJob,
-    cancel: &CancellationToken,
-) -> Ending {
-    let id = job.id.clone();
-    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Value>(shared.settings.chunk_buffer.max(1));
-    let run = shared.runner.run(
-        JobSpec {
-            id: job.id,
-            input: job.input,
-        },
-        chunk_tx,
-        cancel.clone(),
-    );
-    let poster = async {
-        let mut sequence = 0u64;
-        while let Some(chunk) = chunk_rx.recv().await {
-            sequence += 1;
-            if shared.streams {
-                post_chunk(shared, &id, sequence, chunk).await;
-            }
-        }
-    };
-    let work = async { tokio::join!(run, poster).0 };
-    tokio::select! {
-        biased;
-        () = cancel.cancelled() => Ending::Stopped,
-        () = shared.grace_expired.cancelled() => Ending::GraceExpired,
-        finished = tokio::time::timeout(shared.settings.job_timeout, work) => match finished {
-            Ok(result) => Ending::Finished(result),
-            Err(_elapsed) => Ending::TimedOut,
-        },
-    }
-}
-
-/// Posts one chunk; a chunk that cannot be delivered is logged and skipped (the final result
-/// carries every chunk).
-async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value) {
-    let body = wire::stream_body(chunk).to_string();
-    if body.len() > MAX_STREAM_CHUNK_BYTES {
-        warn!(
-            sequence,
-            bytes = body.len(),
-            "stream chunk over 1 MB not streamed (kept in the final result)"
-        );
-        return;
-    }
-    let outcome = shared
-        .client
-        .post_stream(id, &body, shared.settings.stream_retry)
-        .await;
-    if !matches!(outcome, PostOutcome::Delivered { .. }) {
-        log_undelivered(id, &format!("stream chunk {sequence}"), &outcome);
-    }
-}
-
-/// Reports a job failed without running it (malformed job with an id).
-async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error: JobError) {
-    let body = wire::error_body(
-        error.error_type(),
-        &error.to_string(),
-        error.is_retryable(),
-        &shared.identity,
-    );
-    deliver_final(&shared, &id, body).await;
-}
-
-/// Posts a final body; when it cannot be delivered, posts a small error report instead, and
-/// logs the loss if even that fails. Never silent.
-async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
-    let failed = wire::is_error_body(&body);
-    let text = body.to_string();
-    let outcome = if text.len() > MAX_RESULT_BYTES {
-        PostOutcome::Rejected { status: 413 }
-    } else {
-        shared
-            .client
-            .post_done(id, &text, true, shared.settings.result_retry)
-            .await
-    };
-    let reason = match outcome {
-        PostOutcome::Delivered { attempts } => {
-            debug!(attempts, "result delivered");
-            Counters::bump(if failed {
-                &shared.counters.failed
-            } else {
-                &shared.counters.completed
-            });
-            return;
-        }
-        PostOutcome::Gone { status } => {
-            // The platform dropped the job (cancelled, TTL): nothing left to deliver to.
-            warn!(
-                job_id = id,
-                status, "result not accepted: the platform no longer knows the job"
-            );
-            Counters::bump(&shared.counters.undelivered);
-            return;
-        }
-        PostOutcome::Rejected { status } if text.len() > MAX_RESULT_BYTES => {
-            format!(
-                "result of {} bytes exceeds the {MAX_RESULT_BYTES}-byte limit ({status})",
-                text.len()
-            )
-        }
-        PostOutcome::Rejected { status } => {
-            format!("job-done refused the result with status {status}")
-        }
-        PostOutcome::Exhausted {
-            attempts,
-            last_error,
-        } => {
-            format!("job-done failed {attempts} times, last: {last_error}")
-        }
-    };
-    warn!(job_id = id, %reason, "result not delivered: posting a small error report instead");
-    let fallback = wire::error_body("result_delivery", &reason, true, &shared.identity).to_string();
-    match shared
-        .client
-        .post_done(id, &fallback, true, shared.settings.result_retry)
-        .await
-    {
-        PostOutcome::Delivered { .. } => Counters::bump(&shared.counters.failed),
-        outcome => {
-            Counters::bump(&shared.counters.undelivered);
-            log_undelivered(id, "fallback error report", &outcome);
-            error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
         }
     }
 }

@@ -95,7 +95,9 @@ pub async fn execute(
     async move {
         let admitted_at = run.admitted_at;
         let mut timings = RunTimings::default();
+        let mut dropped = DroppedRunRecorder { state, admitted_at, finished: false };
         let result = execute_inner(state, ctx, run, sink, on_start, &mut timings).await;
+        dropped.finished = true;
         let now = Instant::now();
         let status = JobStatus::of_result(&result);
         record_timings(state, &timings, admitted_at, now);
@@ -112,6 +114,27 @@ pub async fn execute(
     }
     .instrument(span)
     .await
+}
+
+/// Counts a run whose future was dropped before it ended (a non-streaming client that went away:
+/// hyper drops the handler, and with it the job and its engine sequences).
+struct DroppedRunRecorder<'a> {
+    state: &'a AppState,
+    admitted_at: Instant,
+    finished: bool,
+}
+
+impl Drop for DroppedRunRecorder<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let metrics = &self.state.metrics;
+            metrics.e2e_latency.observe(self.admitted_at.elapsed());
+            metrics.record_outcome(JobStatus::Cancelled.outcome_label());
+            tracing::info!(
+                "request dropped before it ended (client went away); generation cancelled"
+            );
+        }
+    }
 }
 
 async fn execute_inner(

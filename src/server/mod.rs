@@ -9,6 +9,17 @@
 //! Not here: input validation and output shaping — every request goes through
 //! [`crate::job::run_job`], exactly as a queue job does. Binding the socket and reading the API key
 //! happen in the binary.
+//!
+//! # Clients
+//! - OpenAI SDKs: `base_url = "http://127.0.0.1:8000/v1"` (or `.../v2/<any id>/openai/v1`, the same
+//!   path shape as a deployed endpoint), `api_key` = the server's key (anything when there is none).
+//! - `runpod` SDK: `RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2`, then `runpod.Endpoint("<any
+//!   id>")` runs, run_syncs, streams, cancels, purges and reads health.
+//!
+//! # Limits
+//! Bodies over `body_limit` get 413 before parsing; more than `max_num_seqs + max_waiting` requests in
+//! flight get 429 with `Retry-After`; every request has a deadline from admission (504 / TIMED_OUT);
+//! finished RunPod jobs are kept for `retention`, at most `max_finished_jobs` of them.
 
 pub mod admission;
 pub mod errors;

@@ -56,6 +56,61 @@ pub fn select_source(tokenizer_config: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Largest template file read from disk (`chat_template.jinja` / `chat_template.json`).
+const MAX_TEMPLATE_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Finds a model's chat template the way transformers does: a `chat_template.jinja` file in the model
+/// directory wins, then `chat_template.json` (its `chat_template` entry), then `tokenizer_config.json`
+/// ([`select_source`]). Newer Hub repos keep the template only in `chat_template.jinja`.
+///
+/// # Errors
+/// [`TokenizerError::Load`] when a template file exists but cannot be read, is larger than 1 MiB or
+/// (for `chat_template.json`) is not JSON.
+pub fn find_source(
+    model_dir: Option<&std::path::Path>,
+    tokenizer_config: Option<&serde_json::Value>,
+) -> Result<Option<String>, TokenizerError> {
+    if let Some(dir) = model_dir {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = read_template_file(&jinja)?;
+            if !source.trim().is_empty() {
+                return Ok(Some(source));
+            }
+        }
+        let json = dir.join("chat_template.json");
+        if json.is_file() {
+            let text = read_template_file(&json)?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TokenizerError::Load(format!("chat_template.json: {e}")))?;
+            if let Some(source) = select_source(&value) {
+                return Ok(Some(source));
+            }
+        }
+    }
+    Ok(tokenizer_config.and_then(select_source))
+}
+
+fn read_template_file(path: &std::path::Path) -> Result<String, TokenizerError> {
+    use std::io::Read;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file =
+        std::fs::File::open(path).map_err(|e| TokenizerError::Load(format!("{name}: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| TokenizerError::Load(format!("{name}: {e}")))?;
+    if text.len() as u64 > MAX_TEMPLATE_FILE_BYTES {
+        return Err(TokenizerError::Load(format!(
+            "{name} is larger than {MAX_TEMPLATE_FILE_BYTES} bytes"
+        )));
+    }
+    Ok(text)
+}
+
 /// A compiled chat template. Compile once per model; rendering is `&self` and thread-safe.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -565,6 +620,46 @@ mod tests {
         );
         assert_eq!(select_source(&json!({"bos_token": "<s>"})), None);
         assert_eq!(select_source(&json!({"chat_template": ""})), None);
+    }
+
+    #[test]
+    fn find_source_prefers_jinja_then_json_then_tokenizer_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"chat_template": "from-config"});
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-config")
+        );
+        assert_eq!(find_source(None, None).unwrap(), None);
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "from-json"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-json")
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "from-jinja").unwrap();
+        assert_eq!(
+            find_source(Some(dir.path()), Some(&config))
+                .unwrap()
+                .as_deref(),
+            Some("from-jinja")
+        );
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "x".repeat(2 * 1024 * 1024),
+        )
+        .unwrap();
+        assert!(matches!(
+            find_source(Some(dir.path()), None),
+            Err(TokenizerError::Load(_))
+        ));
     }
 
     #[test]

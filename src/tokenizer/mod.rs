@@ -95,7 +95,14 @@ impl Tokenizer {
 
         let source = match custom_chat_template {
             Some(custom) => Some(custom.to_string()),
-            None => tokenizer_config.as_ref().and_then(chat_template::select_source),
+            None => {
+                let model_dir = files
+                    .tokenizer_config
+                    .as_deref()
+                    .or(Some(tokenizer_json))
+                    .and_then(Path::parent);
+                chat_template::find_source(model_dir, tokenizer_config.as_ref())?
+            }
         };
         let chat_template = source.map(chat_template::ChatTemplate::new).transpose()?;
         Ok(Tokenizer {

@@ -181,6 +181,16 @@ impl TestServer {
     }
 }
 
+/// A chat completion body for the fixture model with `extra` fields merged in.
+pub fn chat(content: &str, extra: Value) -> Value {
+    let mut body =
+        serde_json::json!({"model": FIXTURE, "messages": [{"role": "user", "content": content}]});
+    for (k, v) in extra.as_object().expect("extra fields are an object") {
+        body[k] = v.clone();
+    }
+    body
+}
+
 /// Status and body of a response.
 pub async fn read(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();

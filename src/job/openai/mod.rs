@@ -30,7 +30,7 @@ use super::input::{short_json, OpenAiRoute, PromptSource, RawSamplingParams};
 use super::output::{
     check_summary, new_request_id, prepare_prompt, unix_now, ChatOptions, ItemSink,
 };
-use super::stream::{expand_n, BatchSize, Generation, SeqSpec};
+use super::stream::{expand_n, BatchSize, Generation, SeqSpec, StreamBatching};
 use super::validate::{fit_max_tokens, MaxTokensDefault, ResolvedSampling};
 use super::JobContext;
 use crate::engine::SeqEvent;
@@ -176,11 +176,36 @@ async fn drive(
     Ok(run.response(&choices))
 }
 
+/// The request's sampling fields with the model's defaults filled in, validated.
 fn resolve_sampling(
     ctx: &JobContext,
     sampling: &RawSamplingParams,
 ) -> Result<ResolvedSampling, JobError> {
-    sampling.resolve(&ctx.limits, ctx.engine.info().vocab_size)
+    ctx.openai_defaults
+        .fill(sampling)
+        .resolve(&ctx.limits, ctx.engine.info().vocab_size)
+}
+
+/// vLLM's `max_tokens` rule on the OpenAI routes: the request's value (or the route default) must
+/// fit the context, and the model's `max_new_tokens` caps it.
+fn openai_max_tokens(
+    ctx: &JobContext,
+    requested: Option<i64>,
+    default: MaxTokensDefault,
+    prompt_tokens: usize,
+    min_tokens: usize,
+) -> Result<usize, JobError> {
+    let max_tokens = fit_max_tokens(
+        requested,
+        default,
+        prompt_tokens,
+        min_tokens,
+        ctx.limits.max_model_len,
+    )?;
+    Ok(match ctx.openai_defaults.max_new_tokens {
+        Some(cap) => max_tokens.min(cap.max(min_tokens).max(1)),
+        None => max_tokens,
+    })
 }
 
 /// Runs a chat completion. Returns the `chat.completion` object; when `req.stream`, also sends every
@@ -210,12 +235,12 @@ pub async fn run_chat(
     )
     .await?;
     let mut params = resolved.params;
-    params.max_tokens = fit_max_tokens(
+    params.max_tokens = openai_max_tokens(
+        ctx,
         req.sampling.max_tokens,
         MaxTokensDefault::RemainingContext,
         prompt_ids.len(),
         params.min_tokens,
-        ctx.limits.max_model_len,
     )?;
     let run = OaRun {
         flavor: Flavor::Chat,
@@ -299,12 +324,12 @@ pub async fn run_completion(
             }
         };
         let mut params = resolved.params.clone();
-        params.max_tokens = fit_max_tokens(
+        params.max_tokens = openai_max_tokens(
+            ctx,
             req.sampling.max_tokens,
             MaxTokensDefault::Fixed(16),
             ids.len(),
             params.min_tokens,
-            ctx.limits.max_model_len,
         )?;
         with_logprobs = params.logprobs.is_some();
         prompt_tokens += ids.len();
@@ -333,6 +358,58 @@ pub fn sse_event(chunk: &Value) -> String {
 
 /// The SSE end-of-stream line.
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
+
+/// worker-vllm's batching of an OpenAI stream inside a job: chunk objects grouped 1, 3, 9, ... per
+/// yielded item, each item either one string of SSE lines (raw output, ending with `[DONE]`) or a
+/// list of chunk objects.
+#[derive(Debug)]
+struct JobStreamBatcher {
+    raw: bool,
+    batch_size: BatchSize,
+    /// SSE lines (raw) or chunk objects waiting for the batch to fill.
+    pending: Vec<Value>,
+}
+
+impl JobStreamBatcher {
+    fn new(raw: bool, batching: StreamBatching) -> Self {
+        JobStreamBatcher {
+            raw,
+            batch_size: BatchSize::new(batching),
+            pending: Vec::new(),
+        }
+    }
+
+    fn take_item(&mut self) -> Value {
+        let taken = std::mem::take(&mut self.pending);
+        if self.raw {
+            Value::String(taken.iter().filter_map(Value::as_str).collect())
+        } else {
+            Value::Array(taken)
+        }
+    }
+
+    /// Adds one chunk; returns an item when the batch is full.
+    fn push(&mut self, chunk: &Value) -> Option<Value> {
+        self.pending.push(if self.raw {
+            Value::String(sse_event(chunk))
+        } else {
+            chunk.clone()
+        });
+        if !self.batch_size.is_full(self.pending.len()) {
+            return None;
+        }
+        self.batch_size.advance();
+        Some(self.take_item())
+    }
+
+    /// The last item: what is left, plus `[DONE]` in raw mode.
+    fn finish(mut self) -> Option<Value> {
+        if self.raw {
+            self.pending.push(Value::String(SSE_DONE.to_string()));
+        }
+        (!self.pending.is_empty()).then(|| self.take_item())
+    }
+}
 
 /// Runs an OpenAI route inside a queue job and yields worker-vllm's items: the response object
 /// (non-stream, `/v1/models`), or batches of SSE lines (stream; see [`super`]).
@@ -370,53 +447,22 @@ pub(crate) async fn run_route_as_job(
         let response = producer.await?;
         return sink.emit(response, cancel).await;
     }
-    let raw = ctx.raw_openai_output;
-    let batching = ctx.stream_defaults;
+    let mut batcher = JobStreamBatcher::new(ctx.raw_openai_output, ctx.stream_defaults);
     let consumer_sink = &mut *sink;
     let consumer = async move {
-        let mut batch_size = BatchSize::new(batching);
-        let mut lines: Vec<Value> = Vec::new();
-        let flush = |lines: &mut Vec<Value>| -> Value {
-            let taken = std::mem::take(lines);
-            if raw {
-                Value::String(
-                    taken
-                        .iter()
-                        .map(|l| l.as_str().unwrap_or_default())
-                        .collect(),
-                )
-            } else {
-                Value::Array(taken)
-            }
-        };
         while let Some(chunk) = receiver.recv().await {
-            lines.push(if raw {
-                Value::String(sse_event(&chunk))
-            } else {
-                chunk
-            });
-            if batch_size.is_full(lines.len()) {
-                let item = flush(&mut lines);
+            if let Some(item) = batcher.push(&chunk) {
                 consumer_sink.emit(item, cancel).await?;
-                batch_size.advance();
             }
         }
-        Ok::<Vec<Value>, JobError>(lines)
+        Ok::<JobStreamBatcher, JobError>(batcher)
     };
     let (produced, consumed) = tokio::join!(producer, consumer);
-    let mut rest = consumed?;
+    let batcher = consumed?;
     produced?;
-    if raw {
-        rest.push(Value::String(SSE_DONE.to_string()));
-        let text: String = rest
-            .iter()
-            .map(|l| l.as_str().unwrap_or_default())
-            .collect();
-        sink.emit(Value::String(text), cancel).await
-    } else if !rest.is_empty() {
-        sink.emit(Value::Array(rest), cancel).await
-    } else {
-        Ok(())
+    match batcher.finish() {
+        Some(item) => sink.emit(item, cancel).await,
+        None => Ok(()),
     }
 }
 
@@ -442,5 +488,26 @@ mod tests {
     fn sse_framing() {
         assert_eq!(sse_event(&json!({"a": 1})), "data: {\"a\":1}\n\n");
         assert_eq!(SSE_DONE, "data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn job_stream_batcher_groups_sse_lines_and_ends_with_done() {
+        let mut raw = JobStreamBatcher::new(true, StreamBatching::default());
+        let items: Vec<Value> = (0..5).filter_map(|i| raw.push(&json!({"i": i}))).collect();
+        assert_eq!(
+            items,
+            vec![
+                json!("data: {\"i\":0}\n\n"),
+                json!("data: {\"i\":1}\n\ndata: {\"i\":2}\n\ndata: {\"i\":3}\n\n")
+            ]
+        );
+        assert_eq!(
+            raw.finish(),
+            Some(json!("data: {\"i\":4}\n\ndata: [DONE]\n\n"))
+        );
+
+        let mut objects = JobStreamBatcher::new(false, StreamBatching::default());
+        assert_eq!(objects.push(&json!(1)), Some(json!([1])));
+        assert_eq!(objects.finish(), None);
     }
 }

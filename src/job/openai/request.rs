@@ -141,6 +141,14 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
     let mut sampling = RawSamplingParams::from_map(&sampling_map)?;
     let logprobs = field::<bool>(map, "logprobs", "a boolean")?.unwrap_or(false);
     let top_logprobs = field::<i64>(map, "top_logprobs", "an integer")?;
+    if let Some(t) = top_logprobs {
+        if t < 0 || t as u64 > limits.max_logprobs as u64 {
+            return Err(invalid(format!(
+                "`top_logprobs` must be >= 0 and <= {}. Given: {t}",
+                limits.max_logprobs
+            )));
+        }
+    }
     sampling.logprobs = match (logprobs, top_logprobs) {
         (false, Some(t)) if t > 0 => {
             return Err(invalid(
@@ -151,6 +159,11 @@ pub fn parse_chat_request(body: &Value, limits: &JobLimits) -> Result<ChatReques
         (true, t) => Some(t.unwrap_or(0)),
     };
     if let Some(max) = field::<i64>(map, "max_completion_tokens", "an integer")? {
+        if max < 1 {
+            return Err(invalid(format!(
+                "`max_completion_tokens` must be at least 1. Given: {max}"
+            )));
+        }
         sampling.max_tokens = Some(max);
     }
     let tools = match map.get("tools") {
@@ -307,7 +320,11 @@ mod tests {
             ),
             (
                 json!({"messages": msgs, "top_logprobs": 2}),
-                "`top_logprobs`",
+                "`top_logprobs` requires",
+            ),
+            (
+                json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+                "`top_logprobs` must be >= 0 and <= 20. Given: 21",
             ),
             (
                 json!({"messages": msgs, "chat_template_kwargs": {"tokenize": true}}),

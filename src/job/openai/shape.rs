@@ -188,11 +188,11 @@ impl OaRun<'_> {
                         "stop_reason": stop_reason,
                     }),
                     Flavor::Completion => {
-                        let echo_len = c.text.len() - c.tokens.iter().map(|t| t.chosen.token.len()).sum::<usize>().min(c.text.len());
+                        // `echo` with `logprobs` is refused, so offsets start at 0.
                         json!({
                             "index": index,
                             "text": c.text,
-                            "logprobs": if self.with_logprobs { completion_logprobs(&c.tokens, echo_len) } else { Value::Null },
+                            "logprobs": if self.with_logprobs { completion_logprobs(&c.tokens, 0) } else { Value::Null },
                             "finish_reason": finish,
                             "stop_reason": stop_reason,
                         })

@@ -1,0 +1,228 @@
+//! One job's life in the worker: run it (stream chunks posted in order while it runs), stop it
+//! (job-stop, deadline, shutdown grace), then deliver its final body, with a small error report
+//! in place of a result that cannot be delivered (faults Q2, Q3, Q5, Q7, Q14).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::client::{log_undelivered, PostOutcome};
+use super::wire::{self, TakenJob};
+use super::worker::{Counters, Shared, MAX_RESULT_BYTES, MAX_STREAM_CHUNK_BYTES};
+use super::{JobRunner, JobSpec};
+use crate::error::JobError;
+
+/// How a job's run ended.
+enum Ending {
+    Finished(Result<Value, JobError>),
+    Stopped,
+    GraceExpired,
+    TimedOut,
+}
+
+/// Runs one job: chunks to job-stream in order, then the final body to job-done.
+pub(super) async fn run_job_task<R: JobRunner>(
+    shared: Arc<Shared<R>>,
+    job: TakenJob,
+    permit: Option<OwnedSemaphorePermit>,
+    cancel: CancellationToken,
+    semaphore: Arc<Semaphore>,
+) {
+    let id = job.id.clone();
+    // A job beyond the slots we asked for (the platform sent more) waits for a free slot.
+    let _permit = match permit {
+        Some(permit) => Some(permit),
+        None => tokio::select! {
+            permit = semaphore.acquire_owned() => permit.ok(),
+            () = shared.grace_expired.cancelled() => None,
+        },
+    };
+    let started = Instant::now();
+    info!("Started.");
+    let ending = if shared.grace_expired.is_cancelled() {
+        Ending::GraceExpired
+    } else {
+        execute(&shared, job, &cancel).await
+    };
+    // Whatever ended the run, make sure generation stops.
+    cancel.cancel();
+    let result = match ending {
+        Ending::Finished(Err(JobError::Cancelled)) | Ending::Stopped
+            if shared.table.was_stopped(&id) =>
+        {
+            Counters::bump(&shared.counters.stopped);
+            info!("stopped by the job-stop channel; no result posted");
+            shared.table.remove(&id);
+            return;
+        }
+        Ending::Finished(result) => result,
+        Ending::Stopped => Err(JobError::Cancelled),
+        Ending::GraceExpired => {
+            Counters::bump(&shared.counters.shutdown_failed);
+            Err(JobError::ShuttingDown(
+                "the worker is shutting down and the job did not finish within the grace period"
+                    .into(),
+            ))
+        }
+        Ending::TimedOut => Err(JobError::Timeout(format!(
+            "the job ran past its deadline of {} s",
+            shared.settings.job_timeout.as_secs()
+        ))),
+    };
+    let body = match result {
+        Ok(output) => wire::result_body(output),
+        Err(error) => {
+            info!(error_type = error.error_type(), "job failed");
+            wire::error_body(
+                error.error_type(),
+                &error.to_string(),
+                error.is_retryable(),
+                &shared.identity,
+            )
+        }
+    };
+    deliver_final(&shared, &id, body).await;
+    shared.table.remove(&id);
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Finished."
+    );
+}
+
+/// Runs the runner and the stream poster together until the job finishes, is stopped, times out
+/// or the shutdown grace expires.
+async fn execute<R: JobRunner>(
+    shared: &Shared<R>,
+    job: TakenJob,
+    cancel: &CancellationToken,
+) -> Ending {
+    let id = job.id.clone();
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Value>(shared.settings.chunk_buffer.max(1));
+    let run = shared.runner.run(
+        JobSpec {
+            id: job.id,
+            input: job.input,
+        },
+        chunk_tx,
+        cancel.clone(),
+    );
+    let poster = async {
+        let mut sequence = 0u64;
+        while let Some(chunk) = chunk_rx.recv().await {
+            sequence += 1;
+            if shared.streams {
+                post_chunk(shared, &id, sequence, chunk).await;
+            }
+        }
+    };
+    let work = async { tokio::join!(run, poster).0 };
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Ending::Stopped,
+        () = shared.grace_expired.cancelled() => Ending::GraceExpired,
+        finished = tokio::time::timeout(shared.settings.job_timeout, work) => match finished {
+            Ok(result) => Ending::Finished(result),
+            Err(_elapsed) => Ending::TimedOut,
+        },
+    }
+}
+
+/// Posts one chunk; a chunk that cannot be delivered is logged and skipped (the final result
+/// carries every chunk).
+async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value) {
+    let body = wire::stream_body(chunk).to_string();
+    if body.len() > MAX_STREAM_CHUNK_BYTES {
+        warn!(
+            sequence,
+            bytes = body.len(),
+            "stream chunk over 1 MB not streamed (kept in the final result)"
+        );
+        return;
+    }
+    let outcome = shared
+        .client
+        .post_stream(id, &body, shared.settings.stream_retry)
+        .await;
+    if !matches!(outcome, PostOutcome::Delivered { .. }) {
+        log_undelivered(id, &format!("stream chunk {sequence}"), &outcome);
+    }
+}
+
+/// Reports a job failed without running it (malformed job with an id).
+pub(super) async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error: JobError) {
+    let body = wire::error_body(
+        error.error_type(),
+        &error.to_string(),
+        error.is_retryable(),
+        &shared.identity,
+    );
+    deliver_final(&shared, &id, body).await;
+}
+
+/// Posts a final body; when it cannot be delivered, posts a small error report instead, and
+/// logs the loss if even that fails. Never silent.
+async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
+    let failed = wire::is_error_body(&body);
+    let text = body.to_string();
+    let outcome = if text.len() > MAX_RESULT_BYTES {
+        PostOutcome::Rejected { status: 413 }
+    } else {
+        shared
+            .client
+            .post_done(id, &text, true, shared.settings.result_retry)
+            .await
+    };
+    let reason = match outcome {
+        PostOutcome::Delivered { attempts } => {
+            debug!(attempts, "result delivered");
+            Counters::bump(if failed {
+                &shared.counters.failed
+            } else {
+                &shared.counters.completed
+            });
+            return;
+        }
+        PostOutcome::Gone { status } => {
+            // The platform dropped the job (cancelled, TTL): nothing left to deliver to.
+            warn!(
+                job_id = id,
+                status, "result not accepted: the platform no longer knows the job"
+            );
+            Counters::bump(&shared.counters.undelivered);
+            return;
+        }
+        PostOutcome::Rejected { status } if text.len() > MAX_RESULT_BYTES => {
+            format!(
+                "result of {} bytes exceeds the {MAX_RESULT_BYTES}-byte limit ({status})",
+                text.len()
+            )
+        }
+        PostOutcome::Rejected { status } => {
+            format!("job-done refused the result with status {status}")
+        }
+        PostOutcome::Exhausted {
+            attempts,
+            last_error,
+        } => {
+            format!("job-done failed {attempts} times, last: {last_error}")
+        }
+    };
+    warn!(job_id = id, %reason, "result not delivered: posting a small error report instead");
+    let fallback = wire::error_body("result_delivery", &reason, true, &shared.identity).to_string();
+    match shared
+        .client
+        .post_done(id, &fallback, true, shared.settings.result_retry)
+        .await
+    {
+        PostOutcome::Delivered { .. } => Counters::bump(&shared.counters.failed),
+        outcome => {
+            Counters::bump(&shared.counters.undelivered);
+            log_undelivered(id, "fallback error report", &outcome);
+            error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Queue-mode startup failures of the real `wick` binary: a model that cannot load, or a bad
+//! setting, ends the process with exit 1 before any job is taken, after one unhealthy report on the
+//! ping URL.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wick::harness::{Platform, PlatformConfig, Route};
+
+#[tokio::test]
+async fn model_load_failure_reports_unhealthy_and_takes_no_job() {
+    let running = Platform::serve(
+        PlatformConfig::default(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .unwrap();
+    // A directory without weights: resolution or loading fails.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(empty.path().join("config.json"), "{}").unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .envs(running.worker_env())
+        .env("RUNPOD_POD_ID", "w-broken")
+        .env("RUNPOD_AI_API_KEY", "k")
+        .env("MODEL_NAME", empty.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(!output.stderr.is_empty());
+    let requests = running.platform.requests();
+    assert!(
+        requests.iter().all(|r| r.route == Route::Ping),
+        "no job-take before a healthy start"
+    );
+    let report = requests.first().expect("one unhealthy report");
+    assert_eq!(report.path, "/v2/wick-harness/ping/w-broken");
+    assert_eq!(report.query_param("status"), Some("unhealthy"));
+    assert_eq!(report.query_param("check"), Some("startup"));
+    assert!(report.query_param("reason").is_some_and(|r| !r.is_empty()));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_reports_unhealthy_and_exits_one() {
+    let running = Platform::serve(
+        PlatformConfig::default(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .envs(running.worker_env())
+        .env("RUNPOD_POD_ID", "w-bad-config")
+        .env("MAX_CONCURRENCY", "0")
+        .env("HF_HUB_OFFLINE", "1")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("MAX_CONCURRENCY"));
+    let requests = running.platform.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].query_param("status"), Some("unhealthy"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_job_stream_variable_is_honoured() {
+    let running = Platform::serve(
+        PlatformConfig::default(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .unwrap();
+    // The SDK's local simulator spells it RUNPOD_WEBHOOK_JOB_STREAM.
+    let env: Vec<(String, String)> = running
+        .worker_env()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "RUNPOD_WEBHOOK_POST_STREAM" {
+                ("RUNPOD_WEBHOOK_JOB_STREAM".into(), v)
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let model =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let log_dir = tempfile::tempdir().unwrap();
+    let launch = wick::harness::WorkerLaunch {
+        wick: env!("CARGO_BIN_EXE_wick").into(),
+        args: Vec::new(),
+        env: vec![
+            ("MODEL_NAME".into(), model.display().to_string()),
+            ("HF_HUB_OFFLINE".into(), "1".into()),
+            ("RAYON_NUM_THREADS".into(), "1".into()),
+            ("CANDLE_NUM_THREADS".into(), "1".into()),
+        ],
+        log: Some(log_dir.path().join("wick.log")),
+        ping_interval_ms: 1000,
+        grace_secs: 5,
+    };
+    let mut worker = wick::harness::WorkerProcess::spawn(&launch, &env).unwrap();
+    let id = running.platform.submit(serde_json::json!({
+        "prompt": "Hello", "stream": true, "sampling_params": {"max_tokens": 4, "ignore_eos": true}
+    }));
+    let job = running
+        .platform
+        .wait_terminal(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.status, wick::harness::JobStatus::Completed);
+    assert_eq!(
+        job.stream.len(),
+        3,
+        "chunks of 1 and 3 tokens, then the finish"
+    );
+    worker.sigterm().unwrap();
+    assert_eq!(
+        worker
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    running.stop().await;
+}
