@@ -1,6 +1,7 @@
 //! Checks that keep the shipping parts honest: the scripts the README tells users to run exist, are
-//! executable and parse; CI runs the README's test command; the README documents every environment
-//! variable the code reads and every flag `wick --help` prints; the GitHub workflows call the scripts.
+//! executable, strict (`set -uo pipefail`) and parse; CI runs the README's test command; the README
+//! documents every environment variable the code reads and every flag `wick --help` prints; the
+//! GitHub workflows call the scripts.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -201,10 +202,19 @@ fn scripts_are_executable_strict_and_parse() {
         let text = std::fs::read_to_string(&path).unwrap();
         let shebang = text.lines().next().unwrap_or("");
         if shebang == "#!/usr/bin/env bash" {
-            assert!(
-                text.contains("set -euo pipefail"),
-                "scripts/{name} lacks `set -euo pipefail`"
-            );
+            // Unset variables and failures inside pipelines must stop the script (`-e` is optional:
+            // a script may handle each command's status itself).
+            let strict = text.lines().any(|line| {
+                let line = line.trim();
+                line.starts_with("set -") && line.contains("pipefail") && {
+                    let flags = line["set -".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("");
+                    flags.contains('u') && flags.contains('o')
+                }
+            });
+            assert!(strict, "scripts/{name} lacks `set -uo pipefail`");
             let syntax = Command::new("bash").arg("-n").arg(&path).output().unwrap();
             assert!(
                 syntax.status.success(),
