@@ -44,6 +44,8 @@ const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("block_count_u32_max", "F4: GGUF `llama.block_count` sizes a Vec unchecked: a 1.3 TB allocation aborts the process (models: src/models/gguf.rs)"),
     ("max_position_embeddings_u64_max", "F5: config.json `max_position_embeddings` sizes the rotary tables unchecked: allocation abort (models: src/models/config.rs / layers.rs)"),
     ("overlapping_tag", "F10: a chat template containing `{%}` panics in strip_generation_tags (slice begin > end) when the template is compiled at model load (job: src/tokenizer/chat_template.rs:295)"),
+    ("F11-gguf-tensor-dims-overflow", "F11: GGUF tensor dims whose product overflows usize: candle's Shape::elem_count multiplies unchecked (panic with overflow checks, wrap-around in release) when models::gguf reads the tensor (models: src/models/gguf.rs:113; candle gguf_file.rs:94)"),
+    ("F10-chat-template-overlapping-tag", "F10, as found by the fuzzer"),
     ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
@@ -1012,6 +1014,18 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, cfg) in configs_for_loading() {
         all.push(("safetensors_header", name, micro_weights_with_config(&cfg)));
     }
+    // Reproducers the fuzzer wrote (fuzz/findings/<finding>-<what>; the target is in the name).
+    let findings = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/findings");
+    for entry in std::fs::read_dir(findings).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let target = if name.contains("gguf") {
+            "gguf_header"
+        } else {
+            "chat_template"
+        };
+        all.push((target, name, std::fs::read(&path).unwrap()));
+    }
     all.retain(|(_, name, _)| is_open_finding(name));
     all
 }
@@ -1019,7 +1033,7 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
 /// Replays the open findings; fails (listing them) until each is fixed. Run with
 /// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
 #[test]
-#[ignore = "open findings F1-F6, F10 (docs/ROBUSTNESS.md): fails until their owners fix them"]
+#[ignore = "open findings F1-F6, F10, F11 (docs/ROBUSTNESS.md): fails until their owners fix them"]
 fn open_findings_are_fixed() {
     let inputs = open_finding_inputs();
     assert_eq!(
