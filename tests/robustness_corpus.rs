@@ -46,6 +46,7 @@ const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("overlapping_tag", "F10: a chat template containing `{%}` panics in strip_generation_tags (slice begin > end) when the template is compiled at model load (job: src/tokenizer/chat_template.rs:295)"),
     ("F11-gguf-tensor-dims-overflow", "F11: GGUF tensor dims whose product overflows usize: candle's Shape::elem_count multiplies unchecked (panic with overflow checks, wrap-around in release) when models::gguf reads the tensor (models: src/models/gguf.rs:113; candle gguf_file.rs:94)"),
     ("F10-chat-template-overlapping-tag", "F10, as found by the fuzzer"),
+    ("F12-gguf-zero-sized-tensor", "F12: a GGUF tensor with a zero dimension reaches candle's qtensor_from_ggml, which builds a slice from an empty Vec<u8>'s dangling pointer cast to *const f32 (unsafe precondition violated: misaligned pointer; undefined behaviour in release) (models: refuse zero-sized tensors in src/models/gguf.rs)"),
     ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
@@ -1033,7 +1034,7 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
 /// Replays the open findings; fails (listing them) until each is fixed. Run with
 /// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
 #[test]
-#[ignore = "open findings F1-F6, F10, F11 (docs/ROBUSTNESS.md): fails until their owners fix them"]
+#[ignore = "open findings F1-F6, F10-F12 (docs/ROBUSTNESS.md): fails until their owners fix them"]
 fn open_findings_are_fixed() {
     let inputs = open_finding_inputs();
     assert_eq!(
