@@ -380,7 +380,7 @@ async fn duplicate_delivery_of_an_in_flight_job_runs_once() {
     let world = World::start(fast_settings(), Faults::default()).await;
     let id = world
         .platform()
-        .submit(json!({"chunks": 5, "delay_ms": 40}));
+        .submit(json!({"chunks": 20, "delay_ms": 50}));
     assert!(
         world
             .platform()
@@ -447,8 +447,9 @@ async fn shutdown_finishes_in_flight_jobs_and_takes_no_more() {
     );
     let platform = world.platform().clone();
     world.shutdown.cancel();
-    // Give the take loop a moment to see the signal; a job queued afterwards is never taken.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Give the take loop ample time to see the signal (its abort window is 50 ms); a job queued
+    // afterwards is never taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let late = platform.submit(json!({"chunks": 1}));
     let report = world.stop().await;
     assert_eq!(platform.job(&running).unwrap().status, JobStatus::Completed);

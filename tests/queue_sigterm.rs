@@ -34,14 +34,14 @@ async fn sigterm_drains_in_flight_jobs_reports_the_rest_and_exits_zero() {
         ],
         log: Some(log_path.clone()),
         ping_interval_ms: 200,
-        grace_secs: 2,
+        grace_secs: 4,
     };
     // A short job (finishes during the drain at the latest) and one far too long for the grace.
     let short = platform.submit(
-        json!({"prompt": "Hello", "sampling_params": {"max_tokens": 200, "ignore_eos": true}}),
+        json!({"prompt": "Hello", "sampling_params": {"max_tokens": 100, "ignore_eos": true}}),
     );
     let long = platform
-        .submit(json!({"prompt": "Hello", "sampling_params": {"n": 8, "max_tokens": 2000, "ignore_eos": true}}));
+        .submit(json!({"prompt": "Hello", "sampling_params": {"n": 16, "max_tokens": 2000, "ignore_eos": true}}));
     let mut worker = WorkerProcess::spawn(&launch, &running.worker_env()).unwrap();
     // Both jobs are in the worker's hands once a heartbeat lists them.
     let (short_id, long_id) = (short.clone(), long.clone());

@@ -72,7 +72,7 @@ async fn invalid_configuration_reports_unhealthy_and_exits_one() {
 }
 
 #[tokio::test]
-async fn legacy_job_stream_variable_is_honoured() {
+async fn legacy_job_stream_variable_is_honoured_and_the_key_never_logged() {
     let running = Platform::serve(
         PlatformConfig::default(),
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -102,6 +102,9 @@ async fn legacy_job_stream_variable_is_honoured() {
             ("HF_HUB_OFFLINE".into(), "1".into()),
             ("RAYON_NUM_THREADS".into(), "1".into()),
             ("CANDLE_NUM_THREADS".into(), "1".into()),
+            // A canary key with full debug logs: it must never reach the log.
+            ("RUNPOD_AI_API_KEY".into(), "canary-key-7f3a9".into()),
+            ("RUST_LOG".into(), "debug".into()),
         ],
         log: Some(log_dir.path().join("wick.log")),
         ping_interval_ms: 1000,
@@ -122,14 +125,16 @@ async fn legacy_job_stream_variable_is_honoured() {
         3,
         "chunks of 1 and 3 tokens, then the finish"
     );
+    let posted = running.platform.requests_to(Route::JobDone);
+    assert_eq!(posted[0].headers["authorization"], "canary-key-7f3a9");
     worker.sigterm().unwrap();
-    assert_eq!(
-        worker
-            .wait_exit(Duration::from_secs(30))
-            .await
-            .unwrap()
-            .code(),
-        Some(0)
+    let status = worker.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(log_dir.path().join("wick.log")).unwrap();
+    assert!(log.contains("DEBUG"), "debug logging was on");
+    assert!(
+        !log.contains("canary-key-7f3a9"),
+        "the platform key leaked into the log"
     );
     running.stop().await;
 }

@@ -124,7 +124,12 @@ impl WorkerProcess {
 
     /// Whether the process has exited (without waiting).
     pub fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        self.exit_status().is_some()
+    }
+
+    /// The exit status, if the process has exited (without waiting).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 
@@ -134,6 +139,9 @@ pub enum HarnessError {
     /// Binding the platform, starting or signalling the worker.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The worker exited before it polled for a job (a startup failure; see its log).
+    #[error("the worker exited during startup (exit code {0:?}); see its log")]
+    WorkerExited(Option<i32>),
     /// The worker never polled for a job.
     #[error("the worker did not poll for jobs within {0:?}")]
     WorkerNotReady(Duration),
@@ -221,15 +229,27 @@ impl Session {
             worker,
             grace,
         };
-        let ready = session
-            .running
-            .platform
-            .wait_request(options.startup_timeout, |r| {
-                matches!(r.route, Route::JobTake | Route::JobTakeBatch)
-            })
-            .await;
-        if !ready {
-            return Err(HarnessError::WorkerNotReady(options.startup_timeout));
+        let mut session = session;
+        let deadline = Instant::now() + options.startup_timeout;
+        loop {
+            let polled = session
+                .running
+                .platform
+                .requests()
+                .iter()
+                .any(|r| matches!(r.route, Route::JobTake | Route::JobTakeBatch));
+            if polled {
+                break;
+            }
+            if let Some(worker) = session.worker.as_mut() {
+                if let Some(status) = worker.exit_status() {
+                    return Err(HarnessError::WorkerExited(status.code()));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::WorkerNotReady(options.startup_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(session)
     }

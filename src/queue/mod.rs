@@ -1,6 +1,6 @@
 //! The RunPod worker protocol: job-take (long poll, batch take), job-done, job-stream, the heartbeat
 //! and the job-stop channel, plus the local one-shot mode. Spec: `runpod-protocol.md` (runpod-python
-//! 1.12.0), with its **[improve]** items: bounded retries with jitter on every call, results never
+//! 1.12.0), with its improvements over the SDK: bounded retries with jitter on every call, results never
 //! silently lost, per-job ordering, per-request headers, a heartbeat on its own thread, aborted long
 //! polls and a grace-bounded drain on shutdown.
 //!

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -19,7 +19,7 @@ use super::job_task::{report_failure, run_job_task};
 use super::ping::Heartbeat;
 use super::table::JobTable;
 use super::urls::Endpoints;
-use super::wire::WorkerIdentity;
+use super::wire::{TakeBatch, WorkerIdentity};
 use super::JobRunner;
 use crate::config::{Config, RunpodEnv};
 use crate::error::JobError;
@@ -241,6 +241,64 @@ pub async fn run_worker<R: JobRunner>(
     );
     take_loop(&shared, &semaphore, &tracker, &shutdown).await;
 
+    drain(&shared, &tracker).await;
+    stop_loop_done.cancel();
+    if stop_loop.await.is_err() {
+        warn!("job-stop loop panicked");
+    }
+    if let Some(heartbeat) = heartbeat {
+        // Joining the thread is quick (it wakes on the stop signal) but blocking.
+        if tokio::task::spawn_blocking(move || heartbeat.stop())
+            .await
+            .is_err()
+        {
+            warn!("heartbeat shutdown task failed");
+        }
+    }
+    let report = shared.counters.report();
+    info!(?report, "worker stopped");
+    Ok(report)
+}
+
+/// Starts a task per taken job (duplicates of in-flight ids are skipped) and reports malformed
+/// jobs that carry an id as failed. Unused permits are released.
+fn dispatch<R: JobRunner>(
+    shared: &Arc<Shared<R>>,
+    batch: TakeBatch,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    semaphore: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+) {
+    for malformed in batch.malformed {
+        Counters::bump(&shared.counters.malformed);
+        match malformed.id {
+            Some(id) => {
+                warn!(job_id = %id, reason = %malformed.reason, "malformed job: reporting it failed");
+                let error = JobError::Validation(malformed.reason);
+                tracker.spawn(report_failure(shared.clone(), id, error));
+            }
+            None => warn!(reason = %malformed.reason, "job-take answer without a usable job"),
+        }
+    }
+    for job in batch.jobs {
+        Counters::bump(&shared.counters.taken);
+        let Some(cancel) = shared.table.try_insert(&job.id) else {
+            Counters::bump(&shared.counters.duplicates);
+            warn!(job_id = %job.id, "job already in flight: duplicate delivery not run twice");
+            continue;
+        };
+        // A job beyond the slots asked for (the platform sent more) waits for one in its task.
+        let permit = permits.pop();
+        let span = info_span!("job", job_id = %job.id);
+        tracker.spawn(
+            run_job_task(shared.clone(), job, permit, cancel, semaphore.clone()).instrument(span),
+        );
+    }
+}
+
+/// After the take loop ended: waits for in-flight jobs until the grace minus a margin, then has the
+/// unfinished ones report failure, and gives those reports the margin.
+async fn drain<R>(shared: &Shared<R>, tracker: &TaskTracker) {
     let in_flight = shared.table.len();
     info!(in_flight, "shutting down: no longer taking jobs");
     tracker.close();
@@ -249,27 +307,18 @@ pub async fn run_worker<R: JobRunner>(
     let margin = (grace / 5).min(Duration::from_secs(5));
     if tokio::time::timeout(grace - margin, tracker.wait())
         .await
-        .is_err()
+        .is_ok()
     {
-        warn!(
-            in_flight = shared.table.len(),
-            "shutdown grace ran out: reporting unfinished jobs as failed"
-        );
-        shared.grace_expired.cancel();
-        if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
-            error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
-        }
+        return;
     }
-    stop_loop_done.cancel();
-    if stop_loop.await.is_err() {
-        warn!("job-stop loop panicked");
+    warn!(
+        in_flight = shared.table.len(),
+        "shutdown grace ran out: reporting unfinished jobs as failed"
+    );
+    shared.grace_expired.cancel();
+    if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
+        error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
     }
-    if let Some(heartbeat) = heartbeat {
-        heartbeat.stop();
-    }
-    let report = shared.counters.report();
-    info!(?report, "worker stopped");
-    Ok(report)
 }
 
 /// Takes jobs while slots are free, until `shutdown` fires (which also aborts a pending poll).
@@ -319,34 +368,7 @@ async fn take_loop<R: JobRunner>(
             Ok(batch) => {
                 failures = 0;
                 let got_jobs = !batch.jobs.is_empty();
-                for malformed in batch.malformed {
-                    Counters::bump(&shared.counters.malformed);
-                    match malformed.id {
-                        Some(id) => {
-                            warn!(job_id = %id, reason = %malformed.reason, "malformed job: reporting it failed");
-                            let error = JobError::Validation(malformed.reason);
-                            tracker.spawn(report_failure(shared.clone(), id, error));
-                        }
-                        None => {
-                            warn!(reason = %malformed.reason, "job-take answer without a usable job")
-                        }
-                    }
-                }
-                for job in batch.jobs {
-                    Counters::bump(&shared.counters.taken);
-                    let Some(cancel) = shared.table.try_insert(&job.id) else {
-                        Counters::bump(&shared.counters.duplicates);
-                        warn!(job_id = %job.id, "job already in flight: duplicate delivery not run twice");
-                        continue;
-                    };
-                    let permit = permits.pop();
-                    let span = info_span!("job", job_id = %job.id);
-                    tracker.spawn(
-                        run_job_task(shared.clone(), job, permit, cancel, semaphore.clone())
-                            .instrument(span),
-                    );
-                }
-                drop(permits);
+                dispatch(shared, batch, permits, semaphore, tracker);
                 if got_jobs {
                     Duration::ZERO
                 } else {
