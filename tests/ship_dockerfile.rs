@@ -518,3 +518,73 @@ fn parser_joins_continuations_and_drops_comments() {
     assert_eq!(stages[0].instructions[0].line, 4);
     assert_eq!(stages[1].base, "one");
 }
+
+fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Whether a simple `.dockerignore` pattern (as used in ours: a root-relative name, `*.ext` at the
+/// root, or `**/*.ext` anywhere) excludes `relative`.
+fn dockerignore_excludes(pattern: &str, relative: &str) -> bool {
+    if let Some(ext) = pattern.strip_prefix("**/*") {
+        return relative.ends_with(ext);
+    }
+    if let Some(ext) = pattern.strip_prefix('*') {
+        return !relative.contains('/') && relative.ends_with(ext);
+    }
+    relative == pattern || relative.starts_with(&format!("{pattern}/"))
+}
+
+#[test]
+fn files_the_build_includes_are_in_the_docker_context() {
+    let root = repo_root();
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let mut files = Vec::new();
+    rust_sources(&root.join("src"), &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = &text[at + macro_name.len()..];
+                let Some(end) = rest.find('"') else { continue };
+                let included = file.parent().unwrap().join(&rest[..end]);
+                let resolved = included
+                    .canonicalize()
+                    .unwrap_or_else(|e| panic!("{}: {} ({e})", file.display(), included.display()));
+                let relative = resolved
+                    .strip_prefix(root.canonicalize().unwrap())
+                    .unwrap_or_else(|_| {
+                        panic!("{} includes a file outside the repository", file.display())
+                    })
+                    .to_string_lossy()
+                    .to_string();
+                for pattern in &patterns {
+                    assert!(
+                        !dockerignore_excludes(pattern, &relative),
+                        "{} includes {relative}, which .dockerignore pattern `{pattern}` keeps out of the image build",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    // The pattern matcher itself (so the loop above cannot pass vacuously on a broken matcher).
+    assert!(dockerignore_excludes("models", "models/x.gguf"));
+    assert!(!dockerignore_excludes("models", "models.toml"));
+    assert!(
+        dockerignore_excludes("*.gguf", "a.gguf")
+            && !dockerignore_excludes("*.gguf", "tests/a.gguf")
+    );
+}
