@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::client::{log_undelivered, PostOutcome};
+use super::spool::{SpoolError, SpooledResult};
 use super::wire::{self, TakenJob};
 use super::worker::{Counters, Shared, MAX_RESULT_BYTES, MAX_STREAM_CHUNK_BYTES};
 use super::{JobRunner, JobSpec};
@@ -163,22 +164,62 @@ pub(super) async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error:
     deliver_final(&shared, &id, body).await;
 }
 
-/// Posts a final body; when it cannot be delivered, posts a small error report instead, and
-/// logs the loss if even that fails. Never silent.
+/// Writes a final body to the spool (when there is one) before it is posted; a failure is
+/// logged and the post goes on. Returns whether the entry was written.
+async fn spool_store<R>(shared: &Shared<R>, id: &str, text: &str) -> bool {
+    let Some(spool) = shared.spool.clone() else {
+        return false;
+    };
+    let entry = SpooledResult {
+        job_id: id.to_owned(),
+        is_stream: true,
+        body: text.to_owned(),
+    };
+    match tokio::task::spawn_blocking(move || spool.store(&entry)).await {
+        Ok(Ok(_path)) => true,
+        Ok(Err(error @ SpoolError::Full { .. })) => {
+            warn!(job_id = id, %error, "result not spooled: the spool is over its bounds");
+            false
+        }
+        Ok(Err(error)) => {
+            warn!(job_id = id, %error, "result not spooled");
+            false
+        }
+        Err(error) => {
+            warn!(job_id = id, %error, "spool task failed; result not spooled");
+            false
+        }
+    }
+}
+
+/// Deletes a job's spool entry (after an acknowledgement or a 404/410).
+async fn spool_remove<R>(shared: &Shared<R>, id: &str) {
+    if let Some(spool) = &shared.spool {
+        super::spool::remove_logged(&spool.path_for(id)).await;
+    }
+}
+
+/// Posts a final body (spooled first, the entry deleted once acknowledged); when it cannot be
+/// delivered, posts a small error report instead, and logs the loss if even that fails, keeping
+/// the spool entry for a replay. Never silent.
 async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
     let failed = wire::is_error_body(&body);
     let text = body.to_string();
+    let mut spooled = false;
     let outcome = if text.len() > MAX_RESULT_BYTES {
         PostOutcome::Rejected { status: 413 }
     } else {
+        spooled = spool_store(shared, id, &text).await;
         shared
             .client
             .post_done(id, &text, true, shared.settings.result_retry)
             .await
     };
+    let exhausted = matches!(outcome, PostOutcome::Exhausted { .. });
     let reason = match outcome {
         PostOutcome::Delivered { attempts } => {
             debug!(attempts, "result delivered");
+            spool_remove(shared, id).await;
             Counters::bump(if failed {
                 &shared.counters.failed
             } else {
@@ -192,6 +233,7 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
                 job_id = id,
                 status, "result not accepted: the platform no longer knows the job"
             );
+            spool_remove(shared, id).await;
             Counters::bump(&shared.counters.undelivered);
             return;
         }
@@ -218,11 +260,36 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
         .post_done(id, &fallback, true, shared.settings.result_retry)
         .await
     {
-        PostOutcome::Delivered { .. } => Counters::bump(&shared.counters.failed),
+        PostOutcome::Delivered { .. } => {
+            // The job has its terminal answer: replaying the result later would contradict it.
+            spool_remove(shared, id).await;
+            Counters::bump(&shared.counters.failed);
+        }
+        fallback_outcome @ PostOutcome::Gone { .. } => {
+            spool_remove(shared, id).await;
+            Counters::bump(&shared.counters.undelivered);
+            log_undelivered(id, "fallback error report", &fallback_outcome);
+        }
         outcome => {
             Counters::bump(&shared.counters.undelivered);
             log_undelivered(id, "fallback error report", &outcome);
-            error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
+            // Keep for a replay what has a chance there: the result itself when the platform was
+            // unreachable, the error report when the platform refused the result.
+            let kept = if exhausted {
+                spooled
+            } else {
+                let stored = spool_store(shared, id, &fallback).await;
+                if !stored {
+                    // The refused result itself is no use in a replay.
+                    spool_remove(shared, id).await;
+                }
+                stored
+            };
+            if kept {
+                error!(job_id = id, %reason, "result not delivered yet: spooled, replayed at shutdown and at the next start");
+            } else {
+                error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
+            }
         }
     }
 }

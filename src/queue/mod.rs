@@ -17,6 +17,7 @@
 //! - `ping`: the heartbeat thread.
 //! - `worker`: the take loop, the job-stop loop and the shutdown drain ([`run_worker`]).
 //! - `job_task`: one job's run, stream posts and final delivery.
+//! - [`spool`]: final results on disk until acknowledged, replayed at start and shutdown.
 //! - [`oneshot`]: `--test-input` / `test_input.json`.
 
 pub mod backoff;
@@ -24,6 +25,7 @@ pub mod client;
 mod job_task;
 pub mod oneshot;
 mod ping;
+pub mod spool;
 pub mod table;
 pub mod urls;
 pub mod wire;
@@ -39,6 +41,7 @@ use crate::error::JobError;
 
 pub use client::{PostOutcome, QueueError, Timeouts};
 pub use ping::report_unhealthy;
+pub use spool::SpoolSettings;
 pub use wire::WorkerIdentity;
 pub use worker::{run_worker, StartError, WorkerReport, WorkerSettings};
 

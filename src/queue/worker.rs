@@ -17,6 +17,7 @@ use super::backoff::{Jitter, RetryPolicy};
 use super::client::{PlatformClient, QueueError, Timeouts};
 use super::job_task::{report_failure, run_job_task};
 use super::ping::Heartbeat;
+use super::spool::{self, Spool, SpoolSettings};
 use super::table::JobTable;
 use super::urls::Endpoints;
 use super::wire::{TakeBatch, WorkerIdentity};
@@ -76,6 +77,8 @@ pub struct WorkerSettings {
     pub max_job_bytes: usize,
     /// Streamed chunks buffered per job between the runner and the poster.
     pub chunk_buffer: usize,
+    /// Where final results wait until acknowledged (`None`: no spool).
+    pub spool: Option<SpoolSettings>,
 }
 
 impl WorkerSettings {
@@ -95,6 +98,7 @@ impl WorkerSettings {
             stop_poll_pause: Duration::from_secs(1),
             max_job_bytes: config.max_request_bytes,
             chunk_buffer: 64,
+            spool: Some(SpoolSettings::from_config(config)),
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct WorkerReport {
     pub shutdown_failed: u64,
     /// Results whose delivery failed even after the fallback error post (each one logged).
     pub undelivered: u64,
+    /// Spooled results of an earlier run (or of this one, at shutdown) delivered by a replay.
+    pub replayed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +136,7 @@ pub(super) struct Counters {
     pub(super) malformed: AtomicU64,
     pub(super) shutdown_failed: AtomicU64,
     pub(super) undelivered: AtomicU64,
+    pub(super) replayed: AtomicU64,
 }
 
 impl Counters {
@@ -148,6 +155,7 @@ impl Counters {
             malformed: get(&self.malformed),
             shutdown_failed: get(&self.shutdown_failed),
             undelivered: get(&self.undelivered),
+            replayed: get(&self.replayed),
         }
     }
 }
@@ -164,6 +172,8 @@ pub(super) struct Shared<R> {
     pub(super) grace_expired: CancellationToken,
     /// Whether a job-stream URL is configured.
     pub(super) streams: bool,
+    /// Final results until acknowledged (`None` when disabled or it could not be opened).
+    pub(super) spool: Option<Spool>,
 }
 
 /// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
@@ -220,6 +230,18 @@ pub async fn run_worker<R: JobRunner>(
         None
     };
 
+    let spool = settings.spool.clone().and_then(|spool_settings| {
+        match Spool::open(spool_settings) {
+            Ok(spool) => {
+                info!(dir = %spool.dir().display(), "result spool ready");
+                Some(spool)
+            }
+            Err(error) => {
+                warn!(%error, "result spool unavailable: undelivered results will not survive a restart");
+                None
+            }
+        }
+    });
     let shared = Arc::new(Shared {
         runner,
         client,
@@ -229,19 +251,28 @@ pub async fn run_worker<R: JobRunner>(
         counters: Counters::default(),
         grace_expired: CancellationToken::new(),
         streams: stream.is_some(),
+        spool,
     });
     let semaphore = Arc::new(Semaphore::new(shared.settings.max_concurrency));
     let tracker = TaskTracker::new();
     let stop_loop_done = CancellationToken::new();
     let stop_loop = tokio::spawn(stop_loop(shared.clone(), stop_loop_done.clone()));
 
+    // Results an earlier run could not deliver go out before any new job is taken.
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {}
+        () = replay_spool(&shared, shared.settings.result_retry) => {}
+    }
     info!(
         max_concurrency = shared.settings.max_concurrency,
         "worker started; taking jobs"
     );
     take_loop(&shared, &semaphore, &tracker, &shutdown).await;
 
+    let drain_started = Instant::now();
     drain(&shared, &tracker).await;
+    flush_spool(&shared, drain_started).await;
     stop_loop_done.cancel();
     if stop_loop.await.is_err() {
         warn!("job-stop loop panicked");
@@ -318,6 +349,49 @@ async fn drain<R>(shared: &Shared<R>, tracker: &TaskTracker) {
     shared.grace_expired.cancel();
     if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
         error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
+    }
+}
+
+/// Posts the spooled results (not of jobs in flight) with `policy`; see [`spool::replay`].
+async fn replay_spool<R>(shared: &Shared<R>, policy: RetryPolicy) {
+    let Some(spool) = &shared.spool else {
+        return;
+    };
+    let report = spool::replay(spool, &shared.client, policy, &shared.table.ids()).await;
+    shared
+        .counters
+        .replayed
+        .fetch_add(report.delivered, Ordering::Relaxed);
+    if report != spool::ReplayReport::default() {
+        info!(?report, "spool replayed");
+    }
+}
+
+/// After the drain: one more single-attempt pass over the spool within what is left of the grace,
+/// so results whose delivery failed get a last chance before exit (the rest stay for the next
+/// start).
+async fn flush_spool<R>(shared: &Shared<R>, drain_started: Instant) {
+    if shared.spool.is_none() {
+        return;
+    }
+    let left = shared
+        .settings
+        .shutdown_grace
+        .saturating_sub(drain_started.elapsed());
+    if left.is_zero() {
+        warn!("no grace left to flush the result spool; it is replayed at the next start");
+        return;
+    }
+    let once = RetryPolicy {
+        max_attempts: 1,
+        max_elapsed: left,
+        ..shared.settings.result_retry
+    };
+    if tokio::time::timeout(left, replay_spool(shared, once))
+        .await
+        .is_err()
+    {
+        warn!("result spool flush ran out of grace; the rest is replayed at the next start");
     }
 }
 
