@@ -23,6 +23,7 @@ enum Ending {
     Stopped,
     GraceExpired,
     TimedOut,
+    RunnerFailed,
 }
 
 /// Runs one job: chunks to job-stream in order, then the final body to job-done.
@@ -40,11 +41,14 @@ pub(super) async fn run_job_task<R: JobRunner>(
         None => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
             () = shared.grace_expired.cancelled() => None,
+            () = shared.runner_failed.cancelled() => None,
         },
     };
     let started = Instant::now();
     info!("Started.");
-    let ending = if shared.grace_expired.is_cancelled() {
+    let ending = if shared.runner_failed.is_cancelled() {
+        Ending::RunnerFailed
+    } else if shared.grace_expired.is_cancelled() {
         Ending::GraceExpired
     } else {
         execute(&shared, job, &cancel).await
@@ -72,6 +76,13 @@ pub(super) async fn run_job_task<R: JobRunner>(
         Ending::TimedOut => Err(JobError::Timeout(format!(
             "the job ran past its deadline of {} s",
             shared.settings.job_timeout.as_secs()
+        ))),
+        Ending::RunnerFailed => Err(JobError::Engine(format!(
+            "the worker's engine failed and the worker is being replaced: {}",
+            shared
+                .runner_failure
+                .get()
+                .map_or("unhealthy", String::as_str)
         ))),
     };
     let body = match result {
@@ -124,6 +135,7 @@ async fn execute<R: JobRunner>(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Ending::Stopped,
+        () = shared.runner_failed.cancelled() => Ending::RunnerFailed,
         () = shared.grace_expired.cancelled() => Ending::GraceExpired,
         finished = tokio::time::timeout(shared.settings.job_timeout, work) => match finished {
             Ok(result) => Ending::Finished(result),

@@ -72,6 +72,13 @@ pub trait JobRunner: Send + Sync + 'static {
         chunks: mpsc::Sender<Value>,
         cancel: CancellationToken,
     ) -> impl Future<Output = Result<Value, JobError>> + Send;
+
+    /// Whether the runner can still finish jobs; `Err(reason)` when it cannot (a dead or wedged
+    /// engine). Polled by the worker's watchdog; must be cheap and never block. The default is
+    /// always healthy.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The production runner: a job through `job::run_job` on the shared engine.
@@ -83,5 +90,12 @@ impl JobRunner for crate::job::JobContext {
         cancel: CancellationToken,
     ) -> Result<Value, JobError> {
         crate::job::run_job(self, job.input, chunks, cancel).await
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.engine.health().reason() {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
     }
 }

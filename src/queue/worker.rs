@@ -79,6 +79,8 @@ pub struct WorkerSettings {
     pub chunk_buffer: usize,
     /// Where final results wait until acknowledged (`None`: no spool).
     pub spool: Option<SpoolSettings>,
+    /// How often the watchdog asks the runner whether it is healthy ([`JobRunner::health`]).
+    pub health_check_interval: Duration,
 }
 
 impl WorkerSettings {
@@ -99,6 +101,7 @@ impl WorkerSettings {
             max_job_bytes: config.max_request_bytes,
             chunk_buffer: 64,
             spool: Some(SpoolSettings::from_config(config)),
+            health_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct WorkerReport {
     pub undelivered: u64,
     /// Spooled results of an earlier run (or of this one, at shutdown) delivered by a replay.
     pub replayed: u64,
+    /// Set when the worker stopped because the runner became unhealthy (dead or wedged engine):
+    /// the process should exit non-zero so the platform replaces the worker.
+    pub runner_failure: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +150,7 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn report(&self) -> WorkerReport {
+    fn report(&self, runner_failure: Option<String>) -> WorkerReport {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         WorkerReport {
             taken: get(&self.taken),
@@ -156,6 +162,7 @@ impl Counters {
             shutdown_failed: get(&self.shutdown_failed),
             undelivered: get(&self.undelivered),
             replayed: get(&self.replayed),
+            runner_failure,
         }
     }
 }
@@ -170,6 +177,11 @@ pub(super) struct Shared<R> {
     pub(super) counters: Counters,
     /// Fired when the shutdown grace runs out: unfinished jobs are reported failed.
     pub(super) grace_expired: CancellationToken,
+    /// Fired when the runner became unhealthy: unfinished jobs are reported failed at once with
+    /// [`Shared::runner_failure`].
+    pub(super) runner_failed: CancellationToken,
+    /// Why the runner is unhealthy (set before `runner_failed` fires).
+    pub(super) runner_failure: std::sync::OnceLock<String>,
     /// Whether a job-stream URL is configured.
     pub(super) streams: bool,
     /// Final results until acknowledged (`None` when disabled or it could not be opened).
@@ -250,6 +262,8 @@ pub async fn run_worker<R: JobRunner>(
         identity,
         counters: Counters::default(),
         grace_expired: CancellationToken::new(),
+        runner_failed: CancellationToken::new(),
+        runner_failure: std::sync::OnceLock::new(),
         streams: stream.is_some(),
         spool,
     });
@@ -257,18 +271,25 @@ pub async fn run_worker<R: JobRunner>(
     let tracker = TaskTracker::new();
     let stop_loop_done = CancellationToken::new();
     let stop_loop = tokio::spawn(stop_loop(shared.clone(), stop_loop_done.clone()));
+    // Taking stops on shutdown or when the watchdog finds the runner unhealthy.
+    let stop_taking = shutdown.child_token();
+    let watchdog = tokio::spawn(watchdog(
+        shared.clone(),
+        stop_taking.clone(),
+        stop_loop_done.clone(),
+    ));
 
     // Results an earlier run could not deliver go out before any new job is taken.
     tokio::select! {
         biased;
-        () = shutdown.cancelled() => {}
+        () = stop_taking.cancelled() => {}
         () = replay_spool(&shared, shared.settings.result_retry) => {}
     }
     info!(
         max_concurrency = shared.settings.max_concurrency,
         "worker started; taking jobs"
     );
-    take_loop(&shared, &semaphore, &tracker, &shutdown).await;
+    take_loop(&shared, &semaphore, &tracker, &stop_taking).await;
 
     let drain_started = Instant::now();
     drain(&shared, &tracker).await;
@@ -276,6 +297,15 @@ pub async fn run_worker<R: JobRunner>(
     stop_loop_done.cancel();
     if stop_loop.await.is_err() {
         warn!("job-stop loop panicked");
+    }
+    if watchdog.await.is_err() {
+        warn!("watchdog panicked");
+    }
+    let runner_failure = shared.runner_failure.get().cloned();
+    if let Some(reason) = &runner_failure {
+        // Tell the platform, as the SDK's fitness checks do; the caller exits non-zero.
+        let acknowledged = super::ping::report_unhealthy(env, "engine", reason).await;
+        error!(%reason, acknowledged, "worker stopped: the engine is unhealthy");
     }
     if let Some(heartbeat) = heartbeat {
         // Joining the thread is quick (it wakes on the stop signal) but blocking.
@@ -286,7 +316,7 @@ pub async fn run_worker<R: JobRunner>(
             warn!("heartbeat shutdown task failed");
         }
     }
-    let report = shared.counters.report();
+    let report = shared.counters.report(runner_failure);
     info!(?report, "worker stopped");
     Ok(report)
 }
@@ -349,6 +379,34 @@ async fn drain<R>(shared: &Shared<R>, tracker: &TaskTracker) {
     shared.grace_expired.cancel();
     if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
         error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
+    }
+}
+
+/// Polls [`JobRunner::health`] until `done` fires. On the first failure: records the reason,
+/// fails the in-flight jobs (`runner_failed`) and stops the take loop (`stop_taking`).
+async fn watchdog<R: JobRunner>(
+    shared: Arc<Shared<R>>,
+    stop_taking: CancellationToken,
+    done: CancellationToken,
+) {
+    let interval = shared
+        .settings
+        .health_check_interval
+        .max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(reason) = shared.runner.health() {
+            error!(%reason, in_flight = shared.table.len(),
+                "runner unhealthy: no more jobs taken, in-flight jobs reported failed");
+            // Only this task sets it.
+            let _first = shared.runner_failure.set(reason);
+            shared.runner_failed.cancel();
+            stop_taking.cancel();
+            return;
+        }
     }
 }
 

@@ -109,6 +109,7 @@ pub fn fast_settings() -> WorkerSettings {
         max_job_bytes: 1024 * 1024,
         chunk_buffer: 16,
         spool: None,
+        health_check_interval: Duration::from_millis(20),
     }
 }
 
