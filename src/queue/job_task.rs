@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::client::{log_undelivered, PostOutcome};
+use super::log_limit::log_safe;
 use super::spool::{SpoolError, SpooledResult};
 use super::wire::{self, TakenJob};
 use super::worker::{Counters, Shared, MAX_RESULT_BYTES, MAX_STREAM_CHUNK_BYTES};
@@ -149,11 +150,14 @@ async fn execute<R: JobRunner>(
 async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value) {
     let body = wire::stream_body(chunk).to_string();
     if body.len() > MAX_STREAM_CHUNK_BYTES {
-        warn!(
-            sequence,
-            bytes = body.len(),
-            "stream chunk over 1 MB not streamed (kept in the final result)"
-        );
+        if let Some(suppressed) = shared.log_limit.allow("stream chunk too large") {
+            warn!(
+                sequence,
+                bytes = body.len(),
+                suppressed,
+                "stream chunk over 1 MB not streamed (kept in the final result)"
+            );
+        }
         return;
     }
     let outcome = shared
@@ -161,7 +165,14 @@ async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value
         .post_stream(id, &body, shared.settings.stream_retry)
         .await;
     if !matches!(outcome, PostOutcome::Delivered { .. }) {
-        log_undelivered(id, &format!("stream chunk {sequence}"), &outcome);
+        // A dead stream endpoint fails every chunk of every job: limited.
+        if let Some(suppressed) = shared.log_limit.allow("stream chunk undelivered") {
+            log_undelivered(
+                id,
+                &format!("stream chunk {sequence} ({suppressed} similar lines suppressed)"),
+                &outcome,
+            );
+        }
     }
 }
 
@@ -190,15 +201,15 @@ async fn spool_store<R>(shared: &Shared<R>, id: &str, text: &str) -> bool {
     match tokio::task::spawn_blocking(move || spool.store(&entry)).await {
         Ok(Ok(_path)) => true,
         Ok(Err(error @ SpoolError::Full { .. })) => {
-            warn!(job_id = id, %error, "result not spooled: the spool is over its bounds");
+            warn!(job_id = %log_safe(id), %error, "result not spooled: the spool is over its bounds");
             false
         }
         Ok(Err(error)) => {
-            warn!(job_id = id, %error, "result not spooled");
+            warn!(job_id = %log_safe(id), %error, "result not spooled");
             false
         }
         Err(error) => {
-            warn!(job_id = id, %error, "spool task failed; result not spooled");
+            warn!(job_id = %log_safe(id), %error, "spool task failed; result not spooled");
             false
         }
     }
@@ -242,7 +253,7 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
         PostOutcome::Gone { status } => {
             // The platform dropped the job (cancelled, TTL): nothing left to deliver to.
             warn!(
-                job_id = id,
+                job_id = %log_safe(id),
                 status, "result not accepted: the platform no longer knows the job"
             );
             spool_remove(shared, id).await;
@@ -265,7 +276,7 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
             format!("job-done failed {attempts} times, last: {last_error}")
         }
     };
-    warn!(job_id = id, %reason, "result not delivered: posting a small error report instead");
+    warn!(job_id = %log_safe(id), %reason, "result not delivered: posting a small error report instead");
     let fallback = wire::error_body("result_delivery", &reason, true, &shared.identity).to_string();
     match shared
         .client
@@ -298,9 +309,9 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
                 stored
             };
             if kept {
-                error!(job_id = id, %reason, "result not delivered yet: spooled, replayed at shutdown and at the next start");
+                error!(job_id = %log_safe(id), %reason, "result not delivered yet: spooled, replayed at shutdown and at the next start");
             } else {
-                error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
+                error!(job_id = %log_safe(id), %reason, "RESULT LOST: neither the result nor the error report was delivered");
             }
         }
     }

@@ -17,12 +17,14 @@
 //! - `ping`: the heartbeat thread.
 //! - `worker`: the take loop, the job-stop loop and the shutdown drain ([`run_worker`]).
 //! - `job_task`: one job's run, stream posts and final delivery.
+//! - [`log_limit`]: rate-limited warnings, outside strings cut and escaped for logs.
 //! - [`spool`]: final results on disk until acknowledged, replayed at start and shutdown.
 //! - [`oneshot`]: `--test-input` / `test_input.json`.
 
 pub mod backoff;
 pub mod client;
 mod job_task;
+pub mod log_limit;
 pub mod oneshot;
 mod ping;
 pub mod spool;

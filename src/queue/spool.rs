@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::backoff::RetryPolicy;
 use super::client::{PlatformClient, PostOutcome};
+use super::log_limit::log_safe;
 use super::worker::MAX_RESULT_BYTES;
 
 /// Default most entries the spool holds.
@@ -378,15 +379,15 @@ pub(super) async fn replay(
             .await;
         match outcome {
             PostOutcome::Delivered { attempts } => {
-                info!(job_id = %entry.job_id, attempts, "spooled result delivered");
+                info!(job_id = %log_safe(&entry.job_id), attempts, "spooled result delivered");
                 report.delivered += 1;
             }
             PostOutcome::Gone { status } => {
-                warn!(job_id = %entry.job_id, status, "spooled result dropped: the platform no longer knows the job");
+                warn!(job_id = %log_safe(&entry.job_id), status, "spooled result dropped: the platform no longer knows the job");
                 report.gone += 1;
             }
             PostOutcome::Rejected { status } => {
-                warn!(job_id = %entry.job_id, status, "spooled result dropped: refused by the platform");
+                warn!(job_id = %log_safe(&entry.job_id), status, "spooled result dropped: refused by the platform");
                 report.rejected += 1;
             }
             PostOutcome::Exhausted {
@@ -394,7 +395,7 @@ pub(super) async fn replay(
                 last_error,
             } => {
                 report.kept += 1 + remaining;
-                warn!(job_id = %entry.job_id, attempts, error = %last_error, kept = report.kept,
+                warn!(job_id = %log_safe(&entry.job_id), attempts, error = %last_error, kept = report.kept,
                     "spooled result still not delivered; kept for a later replay");
                 return report;
             }

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::{Jitter, RetryPolicy};
 use super::client::{PlatformClient, QueueError, Timeouts};
 use super::job_task::{report_failure, run_job_task};
+use super::log_limit::{log_safe, LogLimiter};
 use super::ping::Heartbeat;
 use super::spool::{self, Spool, SpoolSettings};
 use super::table::JobTable;
@@ -182,6 +183,8 @@ pub(super) struct Shared<R> {
     pub(super) runner_failed: CancellationToken,
     /// Why the runner is unhealthy (set before `runner_failed` fires).
     pub(super) runner_failure: std::sync::OnceLock<String>,
+    /// Rate limit of repeated warnings (S18).
+    pub(super) log_limit: LogLimiter,
     /// Whether a job-stream URL is configured.
     pub(super) streams: bool,
     /// Final results until acknowledged (`None` when disabled or it could not be opened).
@@ -264,6 +267,7 @@ pub async fn run_worker<R: JobRunner>(
         grace_expired: CancellationToken::new(),
         runner_failed: CancellationToken::new(),
         runner_failure: std::sync::OnceLock::new(),
+        log_limit: LogLimiter::default(),
         streams: stream.is_some(),
         spool,
     });
@@ -334,23 +338,33 @@ fn dispatch<R: JobRunner>(
         Counters::bump(&shared.counters.malformed);
         match malformed.id {
             Some(id) => {
-                warn!(job_id = %id, reason = %malformed.reason, "malformed job: reporting it failed");
+                if let Some(suppressed) = shared.log_limit.allow("malformed job") {
+                    warn!(job_id = %log_safe(&id), reason = %malformed.reason, suppressed,
+                        "malformed job: reporting it failed");
+                }
                 let error = JobError::Validation(malformed.reason);
                 tracker.spawn(report_failure(shared.clone(), id, error));
             }
-            None => warn!(reason = %malformed.reason, "job-take answer without a usable job"),
+            None => {
+                if let Some(suppressed) = shared.log_limit.allow("malformed take answer") {
+                    warn!(reason = %malformed.reason, suppressed, "job-take answer without a usable job");
+                }
+            }
         }
     }
     for job in batch.jobs {
         Counters::bump(&shared.counters.taken);
         let Some(cancel) = shared.table.try_insert(&job.id) else {
             Counters::bump(&shared.counters.duplicates);
-            warn!(job_id = %job.id, "job already in flight: duplicate delivery not run twice");
+            if let Some(suppressed) = shared.log_limit.allow("duplicate delivery") {
+                warn!(job_id = %log_safe(&job.id), suppressed,
+                    "job already in flight: duplicate delivery not run twice");
+            }
             continue;
         };
         // A job beyond the slots asked for (the platform sent more) waits for one in its task.
         let permit = permits.pop();
-        let span = info_span!("job", job_id = %job.id);
+        let span = info_span!("job", job_id = %log_safe(&job.id));
         tracker.spawn(
             run_job_task(shared.clone(), job, permit, cancel, semaphore.clone()).instrument(span),
         );
@@ -511,7 +525,9 @@ async fn take_loop<R: JobRunner>(
             }
             Err(QueueError::TooManyRequests) => {
                 failures += 1;
-                warn!("job-take: 429 too many requests; backing off");
+                if let Some(suppressed) = shared.log_limit.allow("job-take 429") {
+                    warn!(suppressed, "job-take: 429 too many requests; backing off");
+                }
                 settings
                     .too_many_requests_pause
                     .max(settings.poll_retry.delay(failures, &mut jitter))
@@ -519,7 +535,9 @@ async fn take_loop<R: JobRunner>(
             Err(error) => {
                 failures += 1;
                 let wait = settings.poll_retry.delay(failures, &mut jitter);
-                warn!(%error, failures, wait_ms = wait.as_millis() as u64, "job-take failed");
+                if let Some(suppressed) = shared.log_limit.allow("job-take failed") {
+                    warn!(%error, failures, suppressed, wait_ms = wait.as_millis() as u64, "job-take failed");
+                }
                 wait
             }
         };
@@ -551,9 +569,9 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
                 failures = 0;
                 for id in &ids {
                     if shared.table.stop(id) {
-                        info!(job_id = %id, "job-stop: cancelling job");
+                        info!(job_id = %log_safe(id), "job-stop: cancelling job");
                     } else {
-                        debug!(job_id = %id, "job-stop for a job not in flight");
+                        debug!(job_id = %log_safe(id), "job-stop for a job not in flight");
                     }
                 }
                 if ids.is_empty() {
@@ -571,6 +589,7 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
             Err(error) => {
                 failures += 1;
                 let wait = settings.poll_retry.delay(failures, &mut jitter);
+                // Polls back off to 30 s; a long outage logs at doubling failure counts.
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(%error, failures, "job-stop poll failed");
                 }
