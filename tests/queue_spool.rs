@@ -14,7 +14,7 @@ use common::{fast_settings, runpod_env, start_platform, EchoRunner};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use wick::harness::{Faults, JobStatus, Platform, Route, RunningPlatform};
-use wick::queue::spool::{Spool, SpoolSettings, SpooledResult};
+use wick::queue::spool::{self, Spool, SpoolSettings, SpooledResult};
 use wick::queue::{WorkerReport, WorkerSettings};
 
 /// A worker running against a platform that outlives it.
@@ -159,17 +159,29 @@ async fn acknowledged_result_leaves_no_spool_file() {
 #[tokio::test]
 async fn gone_result_is_not_retried_and_its_file_is_removed() {
     let tmp = tempfile::tempdir().unwrap();
-    // A result spooled by an earlier run for a job the platform has forgotten (TTL, cancelled).
+    // The platform answers 404 for a job it does not know.
+    let platform = start_platform(Faults::default()).await;
+    let done_template = runpod_env(&platform).post_output_url.unwrap();
+    // A result spooled by an earlier run for a job the platform has forgotten (TTL, cancelled),
+    // and one spooled by a worker of another endpoint sharing the directory.
     let spool = Spool::open(SpoolSettings::in_dir(tmp.path())).unwrap();
     spool
         .store(&SpooledResult {
             job_id: "forgotten-job".into(),
             is_stream: true,
             body: json!({"output": "late"}).to_string(),
+            endpoint: spool::endpoint_digest(&done_template),
         })
         .unwrap();
-    // The platform answers 404 for a job it does not know.
-    let platform = start_platform(Faults::default()).await;
+    let foreign = spool
+        .store(&SpooledResult {
+            job_id: "other-endpoint-job".into(),
+            is_stream: true,
+            body: json!({"output": "theirs"}).to_string(),
+            endpoint: spool::endpoint_digest("http://elsewhere/job-done/$ID"),
+        })
+        .unwrap();
+
     let worker = start_worker(&platform, tmp.path());
     wait_done_posts(&platform.platform, 1).await;
     let id = platform.platform.submit(json!({"text": "gone"}));
@@ -187,8 +199,18 @@ async fn gone_result_is_not_retried_and_its_file_is_removed() {
         .collect();
     assert_eq!(forgotten.len(), 1, "a 404 is never retried");
     assert_eq!(forgotten[0].status, 404);
+    assert!(
+        !posts
+            .iter()
+            .any(|p| p.path.ends_with("/other-endpoint-job")),
+        "another endpoint's entry is never posted here"
+    );
     assert_eq!(report.replayed, 0, "{report:?}");
-    assert!(spool_files(tmp.path()).is_empty());
+    assert_eq!(
+        spool_files(tmp.path()),
+        vec![foreign],
+        "only the foreign entry is left"
+    );
     platform.stop().await;
 }
 

@@ -197,6 +197,7 @@ async fn spool_store<R>(shared: &Shared<R>, id: &str, text: &str) -> bool {
         job_id: id.to_owned(),
         is_stream: true,
         body: text.to_owned(),
+        endpoint: shared.spool_endpoint.clone(),
     };
     match tokio::task::spawn_blocking(move || spool.store(&entry)).await {
         Ok(Ok(_path)) => true,

@@ -117,6 +117,19 @@ pub struct SpooledResult {
     pub is_stream: bool,
     /// The exact job-done body text.
     pub body: String,
+    /// [`endpoint_digest`] of the job-done URL template it is for: a replay posts only the
+    /// entries of its own endpoint (several workers on one host may share a spool directory).
+    pub endpoint: String,
+}
+
+/// SHA-256 (hex) of a job-done URL template, as stored in [`SpooledResult::endpoint`] (the URL
+/// itself never reaches the disk).
+pub fn endpoint_digest(done_template: &str) -> String {
+    hex(&Sha256::digest(done_template.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,8 +180,7 @@ impl Spool {
 
     /// The entry file of a job.
     pub fn path_for(&self, job_id: &str) -> PathBuf {
-        let digest = Sha256::digest(job_id.as_bytes());
-        let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let name = hex(&Sha256::digest(job_id.as_bytes()));
         self.settings.dir.join(format!("{name}.json"))
     }
 
@@ -322,9 +334,12 @@ pub struct ReplayReport {
     pub corrupt: u64,
     /// Entries left for a later pass (delivery failed, or the pass stopped early).
     pub kept: u64,
+    /// Entries of another endpoint, left alone.
+    pub foreign: u64,
 }
 
-/// Posts every spooled result not in `skip` (jobs still in flight) to job-done with `policy`,
+/// Posts every spooled result of `endpoint` (an [`endpoint_digest`]) not in `skip` (jobs still
+/// in flight) to job-done with `policy`,
 /// removing each one the platform acknowledged or no longer knows. Corrupt entries are logged and
 /// removed. After a delivery whose retries ran out the pass stops (the platform is unreachable);
 /// the rest stay for a later pass. Blocking file-system calls run on the blocking pool.
@@ -333,6 +348,7 @@ pub(super) async fn replay(
     client: &PlatformClient,
     policy: RetryPolicy,
     skip: &[String],
+    endpoint: &str,
 ) -> ReplayReport {
     let mut report = ReplayReport::default();
     let listing = {
@@ -372,6 +388,10 @@ pub(super) async fn replay(
             }
         };
         if skip.contains(&entry.job_id) {
+            continue;
+        }
+        if entry.endpoint != endpoint {
+            report.foreign += 1;
             continue;
         }
         let outcome = client
@@ -452,6 +472,7 @@ mod tests {
             job_id: id.into(),
             is_stream: true,
             body: r#"{"output":"x"}"#.into(),
+            endpoint: endpoint_digest("http://platform/job-done/$ID"),
         }
     }
 

@@ -183,6 +183,8 @@ pub(super) struct Shared<R> {
     pub(super) runner_failed: CancellationToken,
     /// Why the runner is unhealthy (set before `runner_failed` fires).
     pub(super) runner_failure: std::sync::OnceLock<String>,
+    /// [`spool::endpoint_digest`] of the job-done template: this worker's spool entries.
+    pub(super) spool_endpoint: String,
     /// Rate limit of repeated warnings (S18).
     pub(super) log_limit: LogLimiter,
     /// Whether a job-stream URL is configured.
@@ -268,6 +270,7 @@ pub async fn run_worker<R: JobRunner>(
         runner_failed: CancellationToken::new(),
         runner_failure: std::sync::OnceLock::new(),
         log_limit: LogLimiter::default(),
+        spool_endpoint: spool::endpoint_digest(done),
         streams: stream.is_some(),
         spool,
     });
@@ -429,7 +432,14 @@ async fn replay_spool<R>(shared: &Shared<R>, policy: RetryPolicy) {
     let Some(spool) = &shared.spool else {
         return;
     };
-    let report = spool::replay(spool, &shared.client, policy, &shared.table.ids()).await;
+    let report = spool::replay(
+        spool,
+        &shared.client,
+        policy,
+        &shared.table.ids(),
+        &shared.spool_endpoint,
+    )
+    .await;
     shared
         .counters
         .replayed
