@@ -159,6 +159,16 @@ impl Spool {
             .mode(0o700)
             .create(dir)
             .map_err(io_error("create", dir))?;
+        // A symlink (e.g. planted in a shared temp directory) is refused; on a real directory the
+        // chmod succeeds only for its owner, so results never land in someone else's directory.
+        let meta = fs::symlink_metadata(dir).map_err(io_error("stat", dir))?;
+        if !meta.file_type().is_dir() {
+            return Err(SpoolError::Io {
+                what: "open",
+                path: dir.clone(),
+                source: std::io::Error::other("not a directory (symlinks are refused)"),
+            });
+        }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(io_error("chmod", dir))?;
         let spool = Spool {
@@ -526,6 +536,16 @@ mod tests {
             spool.load(&moved),
             Err(SpoolError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_symlinked_spool_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(Spool::open(SpoolSettings::in_dir(&link)).is_err());
     }
 
     #[test]
