@@ -348,8 +348,11 @@ impl EngineHandle {
     /// Liveness for health checks and the queue watchdog: failed (panic, a step past its
     /// budget, a silent loop; sticky), stopped, or healthy. Cheap (a few atomics).
     pub fn health(&self) -> EngineHealth {
-        if let Some(reason) = self.stats.check_liveness() {
-            return EngineHealth::Failed(reason);
+        if self.stats.failed.load(Ordering::Acquire) || self.is_running() {
+            // A stopped thread is silent by design: the liveness check is for a running one.
+            if let Some(reason) = self.stats.check_liveness() {
+                return EngineHealth::Failed(reason);
+            }
         }
         if self.is_running() {
             EngineHealth::Healthy
