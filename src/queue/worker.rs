@@ -1,7 +1,8 @@
 //! The queue worker: the take loop (permits from a semaphore of `MAX_CONCURRENCY`, batch take when
 //! several slots are free, aborted on shutdown), one task per job (stream chunks in order, then the
 //! final post, with a fallback error post when the result cannot be delivered), the job-stop loop,
-//! the heartbeat, and the grace-bounded drain on shutdown (spec §4, §5, §7, §9; faults Q1-Q5, Q7, Q8).
+//! the heartbeat, the grace-bounded drain on shutdown, the result-spool replay, and the runner
+//! watchdog (spec §4, §5, §7, §9; faults Q1-Q8, Q13; checklist S14, S18, S21).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -195,7 +196,11 @@ pub(super) struct Shared<R> {
 
 /// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
 /// get until `shutdown_grace` minus a margin, the rest are reported failed (`shutting_down`,
-/// retryable), and the call returns.
+/// retryable), the result spool gets one more flush, and the call returns. Spooled results of an
+/// earlier run are replayed before the first job is taken. When the runner turns unhealthy
+/// ([`JobRunner::health`]: a dead or wedged engine) the worker stops the same way at once, fails
+/// its in-flight jobs (retryable), tells the platform, and returns with
+/// [`WorkerReport::runner_failure`] set.
 ///
 /// # Errors
 /// [`StartError`] when the environment lacks a required URL or the HTTP client cannot be built;
@@ -247,18 +252,25 @@ pub async fn run_worker<R: JobRunner>(
         None
     };
 
-    let spool = settings.spool.clone().and_then(|spool_settings| {
-        match Spool::open(spool_settings) {
-            Ok(spool) => {
-                info!(dir = %spool.dir().display(), "result spool ready");
-                Some(spool)
-            }
-            Err(error) => {
-                warn!(%error, "result spool unavailable: undelivered results will not survive a restart");
-                None
+    let spool = match settings.spool.clone() {
+        None => None,
+        Some(spool_settings) => {
+            match tokio::task::spawn_blocking(move || Spool::open(spool_settings)).await {
+                Ok(Ok(spool)) => {
+                    info!(dir = %spool.dir().display(), "result spool ready");
+                    Some(spool)
+                }
+                Ok(Err(error)) => {
+                    warn!(%error, "result spool unavailable: undelivered results will not survive a restart");
+                    None
+                }
+                Err(error) => {
+                    warn!(%error, "result spool could not be opened (task failed)");
+                    None
+                }
             }
         }
-    });
+    };
     let shared = Arc::new(Shared {
         runner,
         client,
