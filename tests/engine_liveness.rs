@@ -232,3 +232,38 @@ async fn stalled_step_fails_the_queue_jobs_stops_taking_and_reports_unhealthy() 
     assert!(!engine.health().is_healthy());
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn panic_in_forward_fails_the_queue_job_and_the_worker_stops_unhealthy() {
+    let engine = faulty_engine(Fault::Panic, 2);
+    let platform = start_platform(Faults::default()).await;
+    let id = platform.platform.submit(
+        json!({"prompt": "Hello there", "sampling_params": {"max_tokens": 4, "ignore_eos": true}}),
+    );
+    let env = runpod_env(&platform);
+    let runner = Arc::new(JobContext::new(engine.clone(), &Config::for_test()));
+    let worker = tokio::spawn(async move {
+        wick::queue::run_worker(&env, runner, fast_settings(), CancellationToken::new()).await
+    });
+    let report = tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker stops by itself when the engine fails")
+        .unwrap()
+        .unwrap();
+    let failure = report.runner_failure.clone().expect("the failure is named");
+    assert!(failure.contains("panic"), "{failure}");
+
+    let job = platform.platform.job(&id).unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    let error: Value = serde_json::from_str(job.error.as_deref().unwrap()).unwrap();
+    assert_eq!(error["error_type"], "generation");
+    assert_eq!(error["retryable"], true);
+    assert!(
+        error["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("injected fault"),
+        "{error}"
+    );
+    platform.stop().await;
+}
