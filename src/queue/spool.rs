@@ -261,8 +261,10 @@ impl Spool {
             file.sync_all()
         })();
         if let Err(source) = written {
-            // Best effort: a leftover temp file is removed at the next open.
-            let _ignored = fs::remove_file(&temp);
+            // A leftover temp file is also removed at the next open.
+            if let Err(error) = remove_path(&temp) {
+                warn!(%error, "spool temp file could not be removed");
+            }
             return Err(SpoolError::Io {
                 what: "write",
                 path: temp,

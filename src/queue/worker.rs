@@ -430,8 +430,9 @@ async fn watchdog<R: JobRunner>(
         if let Err(reason) = shared.runner.health() {
             error!(%reason, in_flight = shared.table.len(),
                 "runner unhealthy: no more jobs taken, in-flight jobs reported failed");
-            // Only this task sets it.
-            let _first = shared.runner_failure.set(reason);
+            if shared.runner_failure.set(reason).is_err() {
+                debug!("runner failure already recorded");
+            }
             shared.runner_failed.cancel();
             stop_taking.cancel();
             return;
