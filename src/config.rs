@@ -136,6 +136,15 @@ pub struct Config {
     /// On SIGTERM, seconds in-flight jobs get to finish before they are reported failed.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// Directory where the queue worker keeps final results until the platform acknowledged them
+    /// (replayed on the next start). Default: `wick-spool` under the system temp directory (the
+    /// container disk: `BASE_PATH` is often a network volume shared by several workers).
+    #[arg(long, env = "WICK_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Longest one engine step may run before the engine counts as wedged (health fails, the
+    /// queue worker stops taking jobs, fails the in-flight ones and exits non-zero).
+    #[arg(long, env = "ENGINE_STEP_TIMEOUT_SECS", default_value_t = 120)]
+    pub engine_step_timeout_secs: u64,
     /// Run one job locally: a JSON string or a path to a JSON file; prints the result and exits.
     #[arg(long)]
     pub test_input: Option<String>,
@@ -299,6 +308,12 @@ impl Config {
             return invalid(
                 "--cors-origins/WICK_CORS_ORIGINS",
                 "`*` is not allowed; list origins explicitly".into(),
+            );
+        }
+        if self.engine_step_timeout_secs == 0 {
+            return invalid(
+                "--engine-step-timeout-secs/ENGINE_STEP_TIMEOUT_SECS",
+                "must be > 0".into(),
             );
         }
         if self.max_request_bytes == 0 {

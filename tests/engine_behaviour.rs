@@ -365,3 +365,39 @@ async fn shutdown_fails_running_sequences_and_stops_the_engine() {
         .unwrap_err();
     assert_eq!(err, EngineError::Stopped);
 }
+
+#[tokio::test]
+async fn cancelling_a_waiting_request_removes_it_from_the_queue() {
+    let cases = reference_cases(FAMILY);
+    let engine = TestEngine {
+        max_num_seqs: 1,
+        ..TestEngine::default()
+    }
+    .start(FAMILY);
+    let long = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(300)
+    };
+    let mut running = engine
+        .submit(request("running", &cases[0].prompt_ids, long.clone()))
+        .unwrap();
+    assert!(matches!(running.recv().await, Some(SeqEvent::Delta { .. })));
+    let waiting = engine
+        .submit(request("waiting", &cases[1].prompt_ids, long))
+        .unwrap();
+    drop(waiting);
+    drop(running);
+    let next = generate(
+        &engine,
+        request("next", &cases[2].prompt_ids, SamplingParams::greedy(3)),
+    )
+    .await;
+    assert_eq!(next.token_ids.len(), 3);
+    wait_idle(&engine).await;
+    let stats = engine.stats();
+    assert_eq!((stats.waiting, stats.running), (0, 0));
+    assert!(
+        stats.generated_tokens_total < 300,
+        "a cancelled sequence ran to the end"
+    );
+}

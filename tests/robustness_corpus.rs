@@ -43,6 +43,10 @@ const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("context_length_u32_max", "F3: GGUF `llama.context_length` sizes the rotary tables unchecked: a 4 GiB allocation aborts the process (models: src/models/gguf.rs)"),
     ("block_count_u32_max", "F4: GGUF `llama.block_count` sizes a Vec unchecked: a 1.3 TB allocation aborts the process (models: src/models/gguf.rs)"),
     ("max_position_embeddings_u64_max", "F5: config.json `max_position_embeddings` sizes the rotary tables unchecked: allocation abort (models: src/models/config.rs / layers.rs)"),
+    ("overlapping_tag", "F10: a chat template containing `{%}` panics in strip_generation_tags (slice begin > end) when the template is compiled at model load (job: src/tokenizer/chat_template.rs:295)"),
+    ("F11-gguf-tensor-dims-overflow", "F11: GGUF tensor dims whose product overflows usize: candle's Shape::elem_count multiplies unchecked (panic with overflow checks, wrap-around in release) when models::gguf reads the tensor (models: src/models/gguf.rs:113; candle gguf_file.rs:94)"),
+    ("F10-chat-template-overlapping-tag", "F10, as found by the fuzzer"),
+    ("F12-gguf-zero-sized-tensor", "F12: a GGUF tensor with a zero dimension reaches candle's qtensor_from_ggml, which builds a slice from an empty Vec<u8>'s dangling pointer cast to *const f32 (unsafe precondition violated: misaligned pointer; undefined behaviour in release) (models: refuse zero-sized tensors in src/models/gguf.rs)"),
     ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
@@ -561,6 +565,8 @@ fn hostile_templates() -> Vec<(String, Vec<u8>)> {
         t("deep_blocks", &"{% if true %}".repeat(5000)),
         t("raise_exception", "{{ raise_exception('refused') }}"),
         t("unterminated", "{% for m in messages %}"),
+        // Found by the fuzzer (chat_template, 3,240 inputs): `%}` overlapping the `{%`.
+        t("overlapping_tag", "{%}"),
     ]
 }
 
@@ -1009,6 +1015,18 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, cfg) in configs_for_loading() {
         all.push(("safetensors_header", name, micro_weights_with_config(&cfg)));
     }
+    // Reproducers the fuzzer wrote (fuzz/findings/<finding>-<what>; the target is in the name).
+    let findings = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/findings");
+    for entry in std::fs::read_dir(findings).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let target = if name.contains("gguf") {
+            "gguf_header"
+        } else {
+            "chat_template"
+        };
+        all.push((target, name, std::fs::read(&path).unwrap()));
+    }
     all.retain(|(_, name, _)| is_open_finding(name));
     all
 }
@@ -1016,7 +1034,7 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
 /// Replays the open findings; fails (listing them) until each is fixed. Run with
 /// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
 #[test]
-#[ignore = "open findings F1-F6 (docs/ROBUSTNESS.md): fails until their owners fix them"]
+#[ignore = "open findings F1-F6, F10-F12 (docs/ROBUSTNESS.md): fails until their owners fix them"]
 fn open_findings_are_fixed() {
     let inputs = open_finding_inputs();
     assert_eq!(

@@ -13,6 +13,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -181,10 +182,23 @@ async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
                     "some results could not be delivered (each is logged above)"
                 );
             }
-            ExitCode::SUCCESS
+            match report.runner_failure {
+                // Non-zero so the platform replaces this worker (fault Q13).
+                Some(reason) => {
+                    error!(%reason, "exiting: the engine is unhealthy");
+                    ExitCode::FAILURE
+                }
+                None => ExitCode::SUCCESS,
+            }
         }
     };
-    engine.shutdown().await;
+    // A wedged engine thread may never read its inbox again: bound the wait.
+    if tokio::time::timeout(Duration::from_secs(5), engine.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("engine did not take the shutdown request within 5 s");
+    }
     Ok(code)
 }
 
@@ -235,6 +249,7 @@ async fn load_engine(config: &Config, hf_token: Option<&Secret>) -> anyhow::Resu
             .await
             .context("model loading task")?
             .context("model loading failed")?;
+    engine.set_step_budget(Duration::from_secs(config.engine_step_timeout_secs));
     if config.warmup {
         wick::engine::warm_up(&engine)
             .await

@@ -24,8 +24,9 @@ pub use request::{
 };
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
@@ -92,6 +93,133 @@ pub struct EngineStats {
     pub generated_tokens_total: AtomicU64,
     /// Engine steps run since start.
     pub steps_total: AtomicU64,
+    /// Liveness: the last time the engine loop went round ([`monotonic_ms`]); the idle loop
+    /// updates it at least every idle wait.
+    pub last_progress_ms: AtomicU64,
+    /// Liveness: when the step now running started ([`monotonic_ms`]); 0 between steps.
+    pub step_started_ms: AtomicU64,
+    /// Longest one step may run before the engine counts as wedged, in ms (0: [`DEFAULT_STEP_BUDGET`]).
+    pub step_budget_ms: AtomicU64,
+    /// Set once the engine can no longer be trusted (its thread panicked, a forward pass panicked,
+    /// or a step overran its budget). Sticky: such faults (e.g. CUDA errors) are not recoverable
+    /// in-process.
+    pub failed: AtomicBool,
+    /// Why [`EngineStats::failed`] was set.
+    pub failure: Mutex<Option<String>>,
+}
+
+/// Step budget when none is configured (`ENGINE_STEP_TIMEOUT_SECS`'s default).
+pub const DEFAULT_STEP_BUDGET: Duration = Duration::from_secs(120);
+
+/// Milliseconds on a process-wide monotonic clock, never 0 (0 means "not set" in [`EngineStats`]).
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let elapsed = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(elapsed).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// Whether the engine can take and finish work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    /// Running and making progress.
+    Healthy,
+    /// The engine thread has stopped (shutdown, or it died).
+    Stopped,
+    /// The engine failed for good (panic, wedged step); the reason says how.
+    Failed(String),
+}
+
+impl EngineHealth {
+    /// Whether the engine is [`EngineHealth::Healthy`].
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, EngineHealth::Healthy)
+    }
+
+    /// Why the engine is not healthy (`None` when it is).
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            EngineHealth::Healthy => None,
+            EngineHealth::Stopped => Some("the engine thread has stopped".to_string()),
+            EngineHealth::Failed(reason) => Some(reason.clone()),
+        }
+    }
+}
+
+impl EngineStats {
+    /// Records that the engine loop went round.
+    pub fn beat(&self) {
+        self.last_progress_ms
+            .store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks the start (`true`) or end (`false`) of a step, and beats.
+    pub fn set_busy(&self, busy: bool) {
+        let now = monotonic_ms();
+        self.step_started_ms
+            .store(if busy { now } else { 0 }, Ordering::Relaxed);
+        self.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Marks the engine failed for good; the first reason wins.
+    pub fn mark_failed(&self, reason: impl Into<String>) {
+        let mut failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failure.is_none() {
+            let reason = reason.into();
+            tracing::error!(%reason, "engine marked failed");
+            *failure = Some(reason);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The step budget in force.
+    pub fn step_budget(&self) -> Duration {
+        match self.step_budget_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_STEP_BUDGET,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Checks liveness: a step running past the budget, or a loop silent for two budgets, marks
+    /// the engine failed (sticky). Returns the failure, if any.
+    pub fn check_liveness(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            let now = monotonic_ms();
+            let budget = u64::try_from(self.step_budget().as_millis()).unwrap_or(u64::MAX);
+            let started = self.step_started_ms.load(Ordering::Relaxed);
+            let last = self.last_progress_ms.load(Ordering::Relaxed);
+            if started != 0 && now.saturating_sub(started) > budget {
+                self.mark_failed(format!(
+                    "engine step running for {} ms, past its budget of {budget} ms (wedged device?)",
+                    now - started
+                ));
+            } else if last != 0 && now.saturating_sub(last) > budget.saturating_mul(2) {
+                self.mark_failed(format!(
+                    "engine loop silent for {} ms, past two step budgets ({budget} ms each)",
+                    now - last
+                ));
+            }
+        }
+        if self.failed.load(Ordering::Acquire) {
+            let failure = self
+                .failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Some(failure.clone().unwrap_or_else(|| "engine failed".into()));
+        }
+        None
+    }
+}
+
+/// The message of a caught panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 /// A snapshot of [`EngineStats`].
@@ -194,16 +322,17 @@ impl EngineHandle {
             reply,
             submitted_at: std::time::Instant::now(),
         };
-        match self.commands.try_send(command) {
-            Ok(()) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(events)
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(EngineError::Overloaded {
+        // Count it before the engine can see it, so the engine's decrement never comes first.
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let refused = match self.commands.try_send(command) {
+            Ok(()) => return Ok(events),
+            Err(mpsc::error::TrySendError::Full(_)) => EngineError::Overloaded {
                 capacity: self.commands.max_capacity(),
-            }),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Stopped),
-        }
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => EngineError::Stopped,
+        };
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     /// Asks the engine thread to stop after its current step.
@@ -215,6 +344,29 @@ impl EngineHandle {
     /// Whether the engine thread is still taking requests.
     pub fn is_running(&self) -> bool {
         !self.commands.is_closed()
+    }
+
+    /// Liveness for health checks and the queue watchdog: failed (panic, a step past its
+    /// budget, a silent loop; sticky), stopped, or healthy. Cheap (a few atomics).
+    pub fn health(&self) -> EngineHealth {
+        if self.stats.failed.load(Ordering::Acquire) || self.is_running() {
+            // A stopped thread is silent by design: the liveness check is for a running one.
+            if let Some(reason) = self.stats.check_liveness() {
+                return EngineHealth::Failed(reason);
+            }
+        }
+        if self.is_running() {
+            EngineHealth::Healthy
+        } else {
+            EngineHealth::Stopped
+        }
+    }
+
+    /// Sets the step budget of [`EngineHandle::health`] (`ENGINE_STEP_TIMEOUT_SECS`) for every
+    /// clone of this handle.
+    pub fn set_step_budget(&self, budget: Duration) {
+        let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.stats.step_budget_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Static facts about the engine.
@@ -316,6 +468,7 @@ pub fn spawn(
     )
     .map_err(|e| EngineError::Model(format!("cannot allocate the KV cache: {e}")))?;
     let stats = Arc::new(EngineStats::default());
+    stats.beat();
     stats.kv_tokens_total.store(
         config.max_num_seqs * config.max_model_len,
         Ordering::Relaxed,
@@ -350,6 +503,7 @@ pub fn spawn(
         stats: Arc::clone(&stats),
         inbox,
         eos_token_ids,
+        fatal: None,
     };
     tracing::info!(
         model = %info.model_name,
@@ -358,9 +512,21 @@ pub fn spawn(
         max_model_len = info.max_model_len,
         "starting engine"
     );
+    let thread_stats = Arc::clone(&stats);
     std::thread::Builder::new()
         .name("wick-engine".into())
-        .spawn(move || state.run())
+        .spawn(move || {
+            // The thread boundary: a panic anywhere in the loop marks the engine failed (health
+            // turns, the queue worker fails its jobs and exits) instead of vanishing silently.
+            // Unwinding drops the state, which closes every reply channel and the inbox.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run()));
+            if let Err(panic) = run {
+                thread_stats.mark_failed(format!(
+                    "engine thread panicked: {}",
+                    panic_message(&*panic)
+                ));
+            }
+        })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
     Ok(EngineHandle::new(commands, info, stats, tokenizer))
 }

@@ -44,6 +44,9 @@ pub(crate) struct EngineState {
     pub(crate) inbox: mpsc::Receiver<EngineCommand>,
     /// Stop tokens: the tokenizer's EOS ids plus the model config's.
     pub(crate) eos_token_ids: Vec<u32>,
+    /// Set when a forward pass panicked: the device state cannot be trusted (a sticky CUDA error
+    /// is not recoverable in-process), so the loop stops and every sequence fails with this.
+    pub(crate) fatal: Option<String>,
 }
 
 impl EngineState {
@@ -61,6 +64,10 @@ impl EngineState {
         };
         let mut inbox_open = true;
         loop {
+            self.stats.beat();
+            if self.fatal.is_some() {
+                break;
+            }
             if self.scheduler.is_idle() {
                 if !inbox_open {
                     break;
@@ -188,6 +195,7 @@ impl EngineState {
         if plan.is_empty() {
             return;
         }
+        self.stats.set_busy(true);
         let now = Instant::now();
         for (id, _slot) in &plan.admitted {
             if let Some(seq) = self.sequences.get_mut(id) {
@@ -202,9 +210,10 @@ impl EngineState {
         if !plan.decode.is_empty() {
             self.run_pass(&plan.decode);
         }
-        if !plan.prefill.is_empty() {
+        if !plan.prefill.is_empty() && self.fatal.is_none() {
             self.run_pass(&plan.prefill);
         }
+        self.stats.set_busy(false);
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
         self.update_gauges();
     }
@@ -235,14 +244,14 @@ impl EngineState {
                 .and_then(|logits| logits.to_vec2::<f32>())
         }))
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(candle_core::Error::Msg(format!(
-                "panic in the forward pass: {what}"
-            )))
+            let reason = format!(
+                "panic in the forward pass: {}",
+                super::panic_message(&*panic)
+            );
+            // Fatal: the loop stops after this pass and `shut_down` fails every sequence.
+            self.stats.mark_failed(reason.clone());
+            self.fatal = Some(reason.clone());
+            Err(candle_core::Error::Msg(reason))
         });
         let mut rows = match rows {
             Ok(rows) if rows.len() == items.len() => rows,
@@ -306,9 +315,13 @@ impl EngineState {
 
     /// Fails every queued and running sequence, and every request still in the inbox.
     fn shut_down(&mut self) {
-        const MESSAGE: &str = "engine shutting down";
+        let message = match &self.fatal {
+            Some(reason) => format!("engine failed: {reason}"),
+            None => "engine shutting down".to_string(),
+        };
+        let message = message.as_str();
         for id in self.scheduler.all_ids() {
-            self.release(id, FinishReason::Error, None, Some(MESSAGE.to_string()));
+            self.release(id, FinishReason::Error, None, Some(message.to_string()));
         }
         self.inbox.close();
         while let Ok(command) = self.inbox.try_recv() {
@@ -327,14 +340,17 @@ impl EngineState {
                     time_to_first_token: None,
                     time_per_output_token: None,
                     queue_time: submitted_at.elapsed(),
-                    error: Some(MESSAGE.to_string()),
+                    error: Some(message.to_string()),
                 };
                 // The caller may be gone already; nothing else to do then.
                 let _ = reply.try_send(SeqEvent::Finished(summary));
             }
         }
         self.update_gauges();
-        tracing::info!("engine stopped");
+        match &self.fatal {
+            Some(reason) => tracing::error!(%reason, "engine stopped after a fatal error"),
+            None => tracing::info!("engine stopped"),
+        }
     }
 
     fn update_gauges(&self) {

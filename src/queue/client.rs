@@ -12,6 +12,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use super::backoff::{Jitter, RetryPolicy};
+use super::log_limit::log_safe;
 use super::urls::Endpoints;
 use super::wire::{self, TakeBatch};
 use crate::config::Secret;
@@ -271,7 +272,7 @@ impl PlatformClient {
                     last_error,
                 };
             }
-            debug!(job_id, attempt, error = %last_error, wait_ms = wait.as_millis() as u64, "post failed; retrying");
+            debug!(job_id = %log_safe(job_id), attempt, error = %last_error, wait_ms = wait.as_millis() as u64, "post failed; retrying");
             tokio::time::sleep(wait).await;
         }
     }
@@ -375,16 +376,16 @@ pub(crate) fn log_undelivered(job_id: &str, what: &str, outcome: &PostOutcome) {
     match outcome {
         PostOutcome::Delivered { .. } => {}
         PostOutcome::Gone { status } => {
-            warn!(job_id, status, "{what}: platform no longer knows the job")
+            warn!(job_id = %log_safe(job_id), status, "{what}: platform no longer knows the job")
         }
         PostOutcome::Rejected { status } => {
-            warn!(job_id, status, "{what}: refused by the platform")
+            warn!(job_id = %log_safe(job_id), status, "{what}: refused by the platform")
         }
         PostOutcome::Exhausted {
             attempts,
             last_error,
         } => {
-            warn!(job_id, attempts, error = %last_error, "{what}: retries exhausted")
+            warn!(job_id = %log_safe(job_id), attempts, error = %last_error, "{what}: retries exhausted")
         }
     }
 }

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::client::{log_undelivered, PostOutcome};
+use super::log_limit::log_safe;
+use super::spool::{SpoolError, SpooledResult};
 use super::wire::{self, TakenJob};
 use super::worker::{Counters, Shared, MAX_RESULT_BYTES, MAX_STREAM_CHUNK_BYTES};
 use super::{JobRunner, JobSpec};
@@ -22,6 +24,7 @@ enum Ending {
     Stopped,
     GraceExpired,
     TimedOut,
+    RunnerFailed,
 }
 
 /// Runs one job: chunks to job-stream in order, then the final body to job-done.
@@ -39,11 +42,14 @@ pub(super) async fn run_job_task<R: JobRunner>(
         None => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
             () = shared.grace_expired.cancelled() => None,
+            () = shared.runner_failed.cancelled() => None,
         },
     };
     let started = Instant::now();
     info!("Started.");
-    let ending = if shared.grace_expired.is_cancelled() {
+    let ending = if shared.runner_failed.is_cancelled() {
+        Ending::RunnerFailed
+    } else if shared.grace_expired.is_cancelled() {
         Ending::GraceExpired
     } else {
         execute(&shared, job, &cancel).await
@@ -71,6 +77,13 @@ pub(super) async fn run_job_task<R: JobRunner>(
         Ending::TimedOut => Err(JobError::Timeout(format!(
             "the job ran past its deadline of {} s",
             shared.settings.job_timeout.as_secs()
+        ))),
+        Ending::RunnerFailed => Err(JobError::Engine(format!(
+            "the worker's engine failed and the worker is being replaced: {}",
+            shared
+                .runner_failure
+                .get()
+                .map_or("unhealthy", String::as_str)
         ))),
     };
     let body = match result {
@@ -123,6 +136,7 @@ async fn execute<R: JobRunner>(
     tokio::select! {
         biased;
         () = cancel.cancelled() => Ending::Stopped,
+        () = shared.runner_failed.cancelled() => Ending::RunnerFailed,
         () = shared.grace_expired.cancelled() => Ending::GraceExpired,
         finished = tokio::time::timeout(shared.settings.job_timeout, work) => match finished {
             Ok(result) => Ending::Finished(result),
@@ -136,11 +150,14 @@ async fn execute<R: JobRunner>(
 async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value) {
     let body = wire::stream_body(chunk).to_string();
     if body.len() > MAX_STREAM_CHUNK_BYTES {
-        warn!(
-            sequence,
-            bytes = body.len(),
-            "stream chunk over 1 MB not streamed (kept in the final result)"
-        );
+        if let Some(suppressed) = shared.log_limit.allow("stream chunk too large") {
+            warn!(
+                sequence,
+                bytes = body.len(),
+                suppressed,
+                "stream chunk over 1 MB not streamed (kept in the final result)"
+            );
+        }
         return;
     }
     let outcome = shared
@@ -148,7 +165,14 @@ async fn post_chunk<R>(shared: &Shared<R>, id: &str, sequence: u64, chunk: Value
         .post_stream(id, &body, shared.settings.stream_retry)
         .await;
     if !matches!(outcome, PostOutcome::Delivered { .. }) {
-        log_undelivered(id, &format!("stream chunk {sequence}"), &outcome);
+        // A dead stream endpoint fails every chunk of every job: limited.
+        if let Some(suppressed) = shared.log_limit.allow("stream chunk undelivered") {
+            log_undelivered(
+                id,
+                &format!("stream chunk {sequence} ({suppressed} similar lines suppressed)"),
+                &outcome,
+            );
+        }
     }
 }
 
@@ -163,22 +187,63 @@ pub(super) async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error:
     deliver_final(&shared, &id, body).await;
 }
 
-/// Posts a final body; when it cannot be delivered, posts a small error report instead, and
-/// logs the loss if even that fails. Never silent.
+/// Writes a final body to the spool (when there is one) before it is posted; a failure is
+/// logged and the post goes on. Returns whether the entry was written.
+async fn spool_store<R>(shared: &Shared<R>, id: &str, text: &str) -> bool {
+    let Some(spool) = shared.spool.clone() else {
+        return false;
+    };
+    let entry = SpooledResult {
+        job_id: id.to_owned(),
+        is_stream: true,
+        body: text.to_owned(),
+        endpoint: shared.spool_endpoint.clone(),
+    };
+    match tokio::task::spawn_blocking(move || spool.store(&entry)).await {
+        Ok(Ok(_path)) => true,
+        Ok(Err(error @ SpoolError::Full { .. })) => {
+            warn!(job_id = %log_safe(id), %error, "result not spooled: the spool is over its bounds");
+            false
+        }
+        Ok(Err(error)) => {
+            warn!(job_id = %log_safe(id), %error, "result not spooled");
+            false
+        }
+        Err(error) => {
+            warn!(job_id = %log_safe(id), %error, "spool task failed; result not spooled");
+            false
+        }
+    }
+}
+
+/// Deletes a job's spool entry (after an acknowledgement or a 404/410).
+async fn spool_remove<R>(shared: &Shared<R>, id: &str) {
+    if let Some(spool) = &shared.spool {
+        super::spool::remove_logged(&spool.path_for(id)).await;
+    }
+}
+
+/// Posts a final body (spooled first, the entry deleted once acknowledged); when it cannot be
+/// delivered, posts a small error report instead, and logs the loss if even that fails, keeping
+/// the spool entry for a replay. Never silent.
 async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
     let failed = wire::is_error_body(&body);
     let text = body.to_string();
+    let mut spooled = false;
     let outcome = if text.len() > MAX_RESULT_BYTES {
         PostOutcome::Rejected { status: 413 }
     } else {
+        spooled = spool_store(shared, id, &text).await;
         shared
             .client
             .post_done(id, &text, true, shared.settings.result_retry)
             .await
     };
+    let exhausted = matches!(outcome, PostOutcome::Exhausted { .. });
     let reason = match outcome {
         PostOutcome::Delivered { attempts } => {
             debug!(attempts, "result delivered");
+            spool_remove(shared, id).await;
             Counters::bump(if failed {
                 &shared.counters.failed
             } else {
@@ -189,9 +254,10 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
         PostOutcome::Gone { status } => {
             // The platform dropped the job (cancelled, TTL): nothing left to deliver to.
             warn!(
-                job_id = id,
+                job_id = %log_safe(id),
                 status, "result not accepted: the platform no longer knows the job"
             );
+            spool_remove(shared, id).await;
             Counters::bump(&shared.counters.undelivered);
             return;
         }
@@ -211,18 +277,43 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
             format!("job-done failed {attempts} times, last: {last_error}")
         }
     };
-    warn!(job_id = id, %reason, "result not delivered: posting a small error report instead");
+    warn!(job_id = %log_safe(id), %reason, "result not delivered: posting a small error report instead");
     let fallback = wire::error_body("result_delivery", &reason, true, &shared.identity).to_string();
     match shared
         .client
         .post_done(id, &fallback, true, shared.settings.result_retry)
         .await
     {
-        PostOutcome::Delivered { .. } => Counters::bump(&shared.counters.failed),
+        PostOutcome::Delivered { .. } => {
+            // The job has its terminal answer: replaying the result later would contradict it.
+            spool_remove(shared, id).await;
+            Counters::bump(&shared.counters.failed);
+        }
+        fallback_outcome @ PostOutcome::Gone { .. } => {
+            spool_remove(shared, id).await;
+            Counters::bump(&shared.counters.undelivered);
+            log_undelivered(id, "fallback error report", &fallback_outcome);
+        }
         outcome => {
             Counters::bump(&shared.counters.undelivered);
             log_undelivered(id, "fallback error report", &outcome);
-            error!(job_id = id, %reason, "RESULT LOST: neither the result nor the error report was delivered");
+            // Keep for a replay what has a chance there: the result itself when the platform was
+            // unreachable, the error report when the platform refused the result.
+            let kept = if exhausted {
+                spooled
+            } else {
+                let stored = spool_store(shared, id, &fallback).await;
+                if !stored {
+                    // The refused result itself is no use in a replay.
+                    spool_remove(shared, id).await;
+                }
+                stored
+            };
+            if kept {
+                error!(job_id = %log_safe(id), %reason, "result not delivered yet: spooled, replayed at shutdown and at the next start");
+            } else {
+                error!(job_id = %log_safe(id), %reason, "RESULT LOST: neither the result nor the error report was delivered");
+            }
         }
     }
 }

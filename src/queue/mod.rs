@@ -17,13 +17,17 @@
 //! - `ping`: the heartbeat thread.
 //! - `worker`: the take loop, the job-stop loop and the shutdown drain ([`run_worker`]).
 //! - `job_task`: one job's run, stream posts and final delivery.
+//! - [`log_limit`]: rate-limited warnings, outside strings cut and escaped for logs.
+//! - [`spool`]: final results on disk until acknowledged, replayed at start and shutdown.
 //! - [`oneshot`]: `--test-input` / `test_input.json`.
 
 pub mod backoff;
 pub mod client;
 mod job_task;
+pub mod log_limit;
 pub mod oneshot;
 mod ping;
+pub mod spool;
 pub mod table;
 pub mod urls;
 pub mod wire;
@@ -39,6 +43,7 @@ use crate::error::JobError;
 
 pub use client::{PostOutcome, QueueError, Timeouts};
 pub use ping::report_unhealthy;
+pub use spool::SpoolSettings;
 pub use wire::WorkerIdentity;
 pub use worker::{run_worker, StartError, WorkerReport, WorkerSettings};
 
@@ -69,6 +74,13 @@ pub trait JobRunner: Send + Sync + 'static {
         chunks: mpsc::Sender<Value>,
         cancel: CancellationToken,
     ) -> impl Future<Output = Result<Value, JobError>> + Send;
+
+    /// Whether the runner can still finish jobs; `Err(reason)` when it cannot (a dead or wedged
+    /// engine). Polled by the worker's watchdog; must be cheap and never block. The default is
+    /// always healthy.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The production runner: a job through `job::run_job` on the shared engine.
@@ -80,5 +92,12 @@ impl JobRunner for crate::job::JobContext {
         cancel: CancellationToken,
     ) -> Result<Value, JobError> {
         crate::job::run_job(self, job.input, chunks, cancel).await
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.engine.health().reason() {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The queue worker: the take loop (permits from a semaphore of `MAX_CONCURRENCY`, batch take when
 //! several slots are free, aborted on shutdown), one task per job (stream chunks in order, then the
 //! final post, with a fallback error post when the result cannot be delivered), the job-stop loop,
-//! the heartbeat, and the grace-bounded drain on shutdown (spec §4, §5, §7, §9; faults Q1-Q5, Q7, Q8).
+//! the heartbeat, the grace-bounded drain on shutdown, the result-spool replay, and the runner
+//! watchdog (spec §4, §5, §7, §9; faults Q1-Q8, Q13; checklist S14, S18, S21).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::{Jitter, RetryPolicy};
 use super::client::{PlatformClient, QueueError, Timeouts};
 use super::job_task::{report_failure, run_job_task};
+use super::log_limit::{log_safe, LogLimiter};
 use super::ping::Heartbeat;
+use super::spool::{self, Spool, SpoolSettings};
 use super::table::JobTable;
 use super::urls::Endpoints;
 use super::wire::{TakeBatch, WorkerIdentity};
@@ -76,6 +79,10 @@ pub struct WorkerSettings {
     pub max_job_bytes: usize,
     /// Streamed chunks buffered per job between the runner and the poster.
     pub chunk_buffer: usize,
+    /// Where final results wait until acknowledged (`None`: no spool).
+    pub spool: Option<SpoolSettings>,
+    /// How often the watchdog asks the runner whether it is healthy ([`JobRunner::health`]).
+    pub health_check_interval: Duration,
 }
 
 impl WorkerSettings {
@@ -95,6 +102,8 @@ impl WorkerSettings {
             stop_poll_pause: Duration::from_secs(1),
             max_job_bytes: config.max_request_bytes,
             chunk_buffer: 64,
+            spool: Some(SpoolSettings::from_config(config)),
+            health_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -118,6 +127,11 @@ pub struct WorkerReport {
     pub shutdown_failed: u64,
     /// Results whose delivery failed even after the fallback error post (each one logged).
     pub undelivered: u64,
+    /// Spooled results of an earlier run (or of this one, at shutdown) delivered by a replay.
+    pub replayed: u64,
+    /// Set when the worker stopped because the runner became unhealthy (dead or wedged engine):
+    /// the process should exit non-zero so the platform replaces the worker.
+    pub runner_failure: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +144,7 @@ pub(super) struct Counters {
     pub(super) malformed: AtomicU64,
     pub(super) shutdown_failed: AtomicU64,
     pub(super) undelivered: AtomicU64,
+    pub(super) replayed: AtomicU64,
 }
 
 impl Counters {
@@ -137,7 +152,7 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn report(&self) -> WorkerReport {
+    fn report(&self, runner_failure: Option<String>) -> WorkerReport {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         WorkerReport {
             taken: get(&self.taken),
@@ -148,6 +163,8 @@ impl Counters {
             malformed: get(&self.malformed),
             shutdown_failed: get(&self.shutdown_failed),
             undelivered: get(&self.undelivered),
+            replayed: get(&self.replayed),
+            runner_failure,
         }
     }
 }
@@ -162,13 +179,28 @@ pub(super) struct Shared<R> {
     pub(super) counters: Counters,
     /// Fired when the shutdown grace runs out: unfinished jobs are reported failed.
     pub(super) grace_expired: CancellationToken,
+    /// Fired when the runner became unhealthy: unfinished jobs are reported failed at once with
+    /// [`Shared::runner_failure`].
+    pub(super) runner_failed: CancellationToken,
+    /// Why the runner is unhealthy (set before `runner_failed` fires).
+    pub(super) runner_failure: std::sync::OnceLock<String>,
+    /// [`spool::endpoint_digest`] of the job-done template: this worker's spool entries.
+    pub(super) spool_endpoint: String,
+    /// Rate limit of repeated warnings (S18).
+    pub(super) log_limit: LogLimiter,
     /// Whether a job-stream URL is configured.
     pub(super) streams: bool,
+    /// Final results until acknowledged (`None` when disabled or it could not be opened).
+    pub(super) spool: Option<Spool>,
 }
 
 /// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
 /// get until `shutdown_grace` minus a margin, the rest are reported failed (`shutting_down`,
-/// retryable), and the call returns.
+/// retryable), the result spool gets one more flush, and the call returns. Spooled results of an
+/// earlier run are replayed before the first job is taken. When the runner turns unhealthy
+/// ([`JobRunner::health`]: a dead or wedged engine) the worker stops the same way at once, fails
+/// its in-flight jobs (retryable), tells the platform, and returns with
+/// [`WorkerReport::runner_failure`] set.
 ///
 /// # Errors
 /// [`StartError`] when the environment lacks a required URL or the HTTP client cannot be built;
@@ -220,6 +252,25 @@ pub async fn run_worker<R: JobRunner>(
         None
     };
 
+    let spool = match settings.spool.clone() {
+        None => None,
+        Some(spool_settings) => {
+            match tokio::task::spawn_blocking(move || Spool::open(spool_settings)).await {
+                Ok(Ok(spool)) => {
+                    info!(dir = %spool.dir().display(), "result spool ready");
+                    Some(spool)
+                }
+                Ok(Err(error)) => {
+                    warn!(%error, "result spool unavailable: undelivered results will not survive a restart");
+                    None
+                }
+                Err(error) => {
+                    warn!(%error, "result spool could not be opened (task failed)");
+                    None
+                }
+            }
+        }
+    };
     let shared = Arc::new(Shared {
         runner,
         client,
@@ -228,23 +279,52 @@ pub async fn run_worker<R: JobRunner>(
         identity,
         counters: Counters::default(),
         grace_expired: CancellationToken::new(),
+        runner_failed: CancellationToken::new(),
+        runner_failure: std::sync::OnceLock::new(),
+        log_limit: LogLimiter::default(),
+        spool_endpoint: spool::endpoint_digest(done),
         streams: stream.is_some(),
+        spool,
     });
     let semaphore = Arc::new(Semaphore::new(shared.settings.max_concurrency));
     let tracker = TaskTracker::new();
     let stop_loop_done = CancellationToken::new();
     let stop_loop = tokio::spawn(stop_loop(shared.clone(), stop_loop_done.clone()));
+    // Taking stops on shutdown or when the watchdog finds the runner unhealthy.
+    let stop_taking = shutdown.child_token();
+    let watchdog = tokio::spawn(watchdog(
+        shared.clone(),
+        stop_taking.clone(),
+        stop_loop_done.clone(),
+    ));
 
+    // Results an earlier run could not deliver go out before any new job is taken.
+    tokio::select! {
+        biased;
+        () = stop_taking.cancelled() => {}
+        () = replay_spool(&shared, shared.settings.result_retry) => {}
+    }
     info!(
         max_concurrency = shared.settings.max_concurrency,
         "worker started; taking jobs"
     );
-    take_loop(&shared, &semaphore, &tracker, &shutdown).await;
+    take_loop(&shared, &semaphore, &tracker, &stop_taking).await;
 
+    let drain_started = Instant::now();
     drain(&shared, &tracker).await;
+    flush_spool(&shared, drain_started).await;
     stop_loop_done.cancel();
     if stop_loop.await.is_err() {
         warn!("job-stop loop panicked");
+    }
+    if watchdog.await.is_err() {
+        warn!("watchdog panicked");
+    }
+    let runner_failure = shared.runner_failure.get().cloned();
+    if let Some(reason) = &runner_failure {
+        // Tell the platform, as the SDK's fitness checks do; the caller exits non-zero.
+        let acknowledged = super::ping::report_unhealthy(env, "engine", reason).await;
+        error!(%reason, acknowledged, "worker stopped: the engine is unhealthy");
     }
     if let Some(heartbeat) = heartbeat {
         // Joining the thread is quick (it wakes on the stop signal) but blocking.
@@ -255,7 +335,7 @@ pub async fn run_worker<R: JobRunner>(
             warn!("heartbeat shutdown task failed");
         }
     }
-    let report = shared.counters.report();
+    let report = shared.counters.report(runner_failure);
     info!(?report, "worker stopped");
     Ok(report)
 }
@@ -273,23 +353,33 @@ fn dispatch<R: JobRunner>(
         Counters::bump(&shared.counters.malformed);
         match malformed.id {
             Some(id) => {
-                warn!(job_id = %id, reason = %malformed.reason, "malformed job: reporting it failed");
+                if let Some(suppressed) = shared.log_limit.allow("malformed job") {
+                    warn!(job_id = %log_safe(&id), reason = %malformed.reason, suppressed,
+                        "malformed job: reporting it failed");
+                }
                 let error = JobError::Validation(malformed.reason);
                 tracker.spawn(report_failure(shared.clone(), id, error));
             }
-            None => warn!(reason = %malformed.reason, "job-take answer without a usable job"),
+            None => {
+                if let Some(suppressed) = shared.log_limit.allow("malformed take answer") {
+                    warn!(reason = %malformed.reason, suppressed, "job-take answer without a usable job");
+                }
+            }
         }
     }
     for job in batch.jobs {
         Counters::bump(&shared.counters.taken);
         let Some(cancel) = shared.table.try_insert(&job.id) else {
             Counters::bump(&shared.counters.duplicates);
-            warn!(job_id = %job.id, "job already in flight: duplicate delivery not run twice");
+            if let Some(suppressed) = shared.log_limit.allow("duplicate delivery") {
+                warn!(job_id = %log_safe(&job.id), suppressed,
+                    "job already in flight: duplicate delivery not run twice");
+            }
             continue;
         };
         // A job beyond the slots asked for (the platform sent more) waits for one in its task.
         let permit = permits.pop();
-        let span = info_span!("job", job_id = %job.id);
+        let span = info_span!("job", job_id = %log_safe(&job.id));
         tracker.spawn(
             run_job_task(shared.clone(), job, permit, cancel, semaphore.clone()).instrument(span),
         );
@@ -318,6 +408,85 @@ async fn drain<R>(shared: &Shared<R>, tracker: &TaskTracker) {
     shared.grace_expired.cancel();
     if tokio::time::timeout(margin, tracker.wait()).await.is_err() {
         error!(unreported = ?shared.table.ids(), "exiting with jobs whose failure report did not finish");
+    }
+}
+
+/// Polls [`JobRunner::health`] until `done` fires. On the first failure: records the reason,
+/// fails the in-flight jobs (`runner_failed`) and stops the take loop (`stop_taking`).
+async fn watchdog<R: JobRunner>(
+    shared: Arc<Shared<R>>,
+    stop_taking: CancellationToken,
+    done: CancellationToken,
+) {
+    let interval = shared
+        .settings
+        .health_check_interval
+        .max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(reason) = shared.runner.health() {
+            error!(%reason, in_flight = shared.table.len(),
+                "runner unhealthy: no more jobs taken, in-flight jobs reported failed");
+            if shared.runner_failure.set(reason).is_err() {
+                debug!("runner failure already recorded");
+            }
+            shared.runner_failed.cancel();
+            stop_taking.cancel();
+            return;
+        }
+    }
+}
+
+/// Posts the spooled results (not of jobs in flight) with `policy`; see [`spool::replay`].
+async fn replay_spool<R>(shared: &Shared<R>, policy: RetryPolicy) {
+    let Some(spool) = &shared.spool else {
+        return;
+    };
+    let report = spool::replay(
+        spool,
+        &shared.client,
+        policy,
+        &shared.table.ids(),
+        &shared.spool_endpoint,
+    )
+    .await;
+    shared
+        .counters
+        .replayed
+        .fetch_add(report.delivered, Ordering::Relaxed);
+    if report != spool::ReplayReport::default() {
+        info!(?report, "spool replayed");
+    }
+}
+
+/// After the drain: one more single-attempt pass over the spool within what is left of the grace,
+/// so results whose delivery failed get a last chance before exit (the rest stay for the next
+/// start).
+async fn flush_spool<R>(shared: &Shared<R>, drain_started: Instant) {
+    if shared.spool.is_none() {
+        return;
+    }
+    let left = shared
+        .settings
+        .shutdown_grace
+        .saturating_sub(drain_started.elapsed());
+    if left.is_zero() {
+        warn!("no grace left to flush the result spool; it is replayed at the next start");
+        return;
+    }
+    let once = RetryPolicy {
+        max_attempts: 1,
+        max_elapsed: left,
+        ..shared.settings.result_retry
+    };
+    if tokio::time::timeout(left, replay_spool(shared, once))
+        .await
+        .is_err()
+    {
+        warn!("result spool flush ran out of grace; the rest is replayed at the next start");
     }
 }
 
@@ -379,7 +548,9 @@ async fn take_loop<R: JobRunner>(
             }
             Err(QueueError::TooManyRequests) => {
                 failures += 1;
-                warn!("job-take: 429 too many requests; backing off");
+                if let Some(suppressed) = shared.log_limit.allow("job-take 429") {
+                    warn!(suppressed, "job-take: 429 too many requests; backing off");
+                }
                 settings
                     .too_many_requests_pause
                     .max(settings.poll_retry.delay(failures, &mut jitter))
@@ -387,7 +558,9 @@ async fn take_loop<R: JobRunner>(
             Err(error) => {
                 failures += 1;
                 let wait = settings.poll_retry.delay(failures, &mut jitter);
-                warn!(%error, failures, wait_ms = wait.as_millis() as u64, "job-take failed");
+                if let Some(suppressed) = shared.log_limit.allow("job-take failed") {
+                    warn!(%error, failures, suppressed, wait_ms = wait.as_millis() as u64, "job-take failed");
+                }
                 wait
             }
         };
@@ -419,9 +592,9 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
                 failures = 0;
                 for id in &ids {
                     if shared.table.stop(id) {
-                        info!(job_id = %id, "job-stop: cancelling job");
+                        info!(job_id = %log_safe(id), "job-stop: cancelling job");
                     } else {
-                        debug!(job_id = %id, "job-stop for a job not in flight");
+                        debug!(job_id = %log_safe(id), "job-stop for a job not in flight");
                     }
                 }
                 if ids.is_empty() {
@@ -439,6 +612,7 @@ async fn stop_loop<R: JobRunner>(shared: Arc<Shared<R>>, done: CancellationToken
             Err(error) => {
                 failures += 1;
                 let wait = settings.poll_retry.delay(failures, &mut jitter);
+                // Polls back off to 30 s; a long outage logs at doubling failure counts.
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(%error, failures, "job-stop poll failed");
                 }

@@ -222,9 +222,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         running: state.admission.running(),
         stored_jobs: state.store.len(),
     };
-    let body = state
-        .metrics
-        .render(&engine, &gauges, state.runpod_ctx.engine.is_running());
+    let body = state.metrics.render(
+        &engine,
+        &gauges,
+        state.runpod_ctx.engine.health().is_healthy(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -299,11 +299,14 @@ pub(super) async fn retry(
     Ok(Json(json!({ "id": id, "status": JobStatus::InQueue })).into_response())
 }
 
-/// `GET|POST /health`: job counts and the one worker's state; 503 when the engine has stopped.
+/// `GET|POST /health`: job counts and the one worker's state; 503 when the engine has stopped,
+/// failed (a panic) or is wedged (a step past `ENGINE_STEP_TIMEOUT_SECS`); the reason is logged
+/// by the engine, never shown on this unauthenticated route.
 pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
     let counts = state.store.counts();
     let busy = state.admission.running() > 0;
-    let alive = state.runpod_ctx.engine.is_running();
+    let engine_health = state.runpod_ctx.engine.health();
+    let alive = engine_health.is_healthy();
     let body = json!({
         "jobs": {
             "completed": counts.completed,

@@ -108,6 +108,8 @@ pub fn fast_settings() -> WorkerSettings {
         stop_poll_pause: Duration::from_millis(20),
         max_job_bytes: 1024 * 1024,
         chunk_buffer: 16,
+        spool: None,
+        health_check_interval: Duration::from_millis(20),
     }
 }
 
