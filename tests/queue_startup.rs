@@ -138,3 +138,49 @@ async fn legacy_job_stream_variable_is_honoured_and_the_key_never_logged() {
     );
     running.stop().await;
 }
+
+/// RunPod template forms leave unused fields empty: an empty setting is its default, not an error.
+#[tokio::test]
+async fn empty_setting_variables_mean_defaults() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .env("MODEL_NAME", fixture)
+        .env("MAX_NUM_SEQS", "")
+        .env("MAX_MODEL_LEN", "")
+        .env("DTYPE", "")
+        .env("HF_HUB_OFFLINE", "1")
+        .arg("--test-input")
+        .arg(r#"{"input":{"prompt":"hello","sampling_params":{"max_tokens":2}}}"#)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["output"][0]["usage"]["output"], 2);
+}
+
+/// A dev server that may not start (public bind, no key) is refused before the model is loaded: the
+/// model is a Hub repo that is not cached while offline, so any model work would fail with a different
+/// message.
+#[tokio::test]
+async fn public_bind_without_key_is_refused_before_model_load() {
+    let empty_cache = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .env("MODEL_NAME", "wick-test/not-cached")
+        .env("HF_HUB_CACHE", empty_cache.path())
+        .env_remove("WICK_API_KEY")
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--serve-api", "--host", "0.0.0.0", "--port", "0"])
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("without an API key"), "stderr: {stderr}");
+    assert!(!stderr.contains("model files"), "stderr: {stderr}");
+}

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use wick::config::{secret_from_env, Cli, Command, Config, RunpodEnv, Secret};
 use wick::engine::EngineHandle;
+use wick::hub::ModelFiles;
 use wick::job::JobContext;
 use wick::queue::oneshot::{self, TestInputSource};
 use wick::queue::{WorkerIdentity, WorkerSettings};
@@ -37,6 +38,7 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
+    drop_empty_settings_env();
     let runpod = RunpodEnv::from_env();
     init_tracing(&runpod);
     let cli = Cli::parse();
@@ -68,6 +70,20 @@ fn main() -> ExitCode {
                 ));
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// RunPod template forms leave unused fields empty: an empty setting means "unset" (its default), not
+/// an invalid value that stops the worker at start.
+fn drop_empty_settings_env() {
+    use clap::CommandFactory;
+    for arg in Cli::command().get_arguments() {
+        if let Some(name) = arg.get_env() {
+            if std::env::var_os(name).is_some_and(|value| value.is_empty()) {
+                // Runs first in `main`, before any other thread exists or reads the environment.
+                std::env::remove_var(name);
+            }
         }
     }
 }
@@ -139,8 +155,13 @@ async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
         Mode::OneShot(source) => Some(source.load().context("test input")?),
         _ => None,
     };
-    let server_key = match mode {
-        Mode::ServeApi => server_api_key(&config)?,
+    // Refuse a dev-server setting that cannot work (e.g. a public bind without a key) before the
+    // slow model load, not after it.
+    let server_settings = match mode {
+        Mode::ServeApi => Some(
+            wick::server::ServerSettings::from_config(&config, server_api_key(&config)?)
+                .context("dev server settings")?,
+        ),
         _ => None,
     };
     if mode_is_queue(&mode)
@@ -149,11 +170,13 @@ async fn run(cli: Cli, runpod: RunpodEnv) -> anyhow::Result<ExitCode> {
         warn!("RUNPOD_PING_INTERVAL is not a whole number of milliseconds; using 10000");
     }
 
-    let engine = load_engine(&config, hf_token.as_ref()).await?;
-    let ctx = JobContext::new(engine.clone(), &config);
+    let (engine, files) = load_engine(&config, hf_token.as_ref()).await?;
+    // The model's generation_config.json gives the OpenAI routes their default sampling settings.
+    let ctx = JobContext::new(engine.clone(), &config).with_model_files(&files);
     let code = match mode {
         Mode::ServeApi => {
-            serve_api(&config, ctx, server_key).await?;
+            let settings = server_settings.context("dev server settings were built above")?;
+            serve_api(&config, ctx, settings).await?;
             ExitCode::SUCCESS
         }
         Mode::OneShot(_) => {
@@ -232,7 +255,10 @@ fn select_mode(config: &Config, runpod: &RunpodEnv) -> anyhow::Result<Mode> {
 }
 
 /// Resolves the model, loads it and warms it up.
-async fn load_engine(config: &Config, hf_token: Option<&Secret>) -> anyhow::Result<EngineHandle> {
+async fn load_engine(
+    config: &Config,
+    hf_token: Option<&Secret>,
+) -> anyhow::Result<(EngineHandle, ModelFiles)> {
     let files = wick::hub::resolve_model(config, hf_token)
         .await
         .context("model files")?;
@@ -244,8 +270,9 @@ async fn load_engine(config: &Config, hf_token: Option<&Secret>) -> anyhow::Resu
         info!(?check, weights_bytes, "GPU memory check");
     }
     let load_config = config.clone();
+    let load_files = files.clone();
     let engine =
-        tokio::task::spawn_blocking(move || wick::engine::load_engine(&files, &load_config))
+        tokio::task::spawn_blocking(move || wick::engine::load_engine(&load_files, &load_config))
             .await
             .context("model loading task")?
             .context("model loading failed")?;
@@ -256,7 +283,7 @@ async fn load_engine(config: &Config, hf_token: Option<&Secret>) -> anyhow::Resu
             .context("warm-up generation failed")?;
         info!("warm-up done");
     }
-    Ok(engine)
+    Ok((engine, files))
 }
 
 /// The dev server's key: `WICK_API_KEY`, else the first line of `--api-key-file`.
@@ -279,10 +306,8 @@ fn server_api_key(config: &Config) -> anyhow::Result<Option<Secret>> {
 async fn serve_api(
     config: &Config,
     ctx: JobContext,
-    api_key: Option<Secret>,
+    settings: wick::server::ServerSettings,
 ) -> anyhow::Result<()> {
-    let settings = wick::server::ServerSettings::from_config(config, api_key)
-        .context("dev server settings")?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
