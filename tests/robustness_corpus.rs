@@ -39,12 +39,9 @@ const CHILD_ENV: &str = "WICK_ROBUSTNESS_REPLAY_INPUT";
 /// owner fixes them. Remove a line when its fix lands.
 const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("doubling_lists", "F1: list `+` in a chat template is not charged fuel: memory grows without bound (job: src/tokenizer/chat_template.rs)"),
-    ("alignment_zero", "F2: GGUF `general.alignment = 0` divides by zero in candle's reader, reached via engine::loader::load_tokenizer / models::gguf (panic instead of an error)"),
     ("context_length_u32_max", "F3: GGUF `llama.context_length` sizes the rotary tables unchecked: a 4 GiB allocation aborts the process (models: src/models/gguf.rs)"),
     ("block_count_u32_max", "F4: GGUF `llama.block_count` sizes a Vec unchecked: a 1.3 TB allocation aborts the process (models: src/models/gguf.rs)"),
     ("max_position_embeddings_u64_max", "F5: config.json `max_position_embeddings` sizes the rotary tables unchecked: allocation abort (models: src/models/config.rs / layers.rs)"),
-    ("F11-gguf-tensor-dims-overflow", "F11: GGUF tensor dims whose product overflows usize: candle's Shape::elem_count multiplies unchecked (panic with overflow checks, wrap-around in release) when models::gguf reads the tensor (models: src/models/gguf.rs:113; candle gguf_file.rs:94)"),
-    ("F12-gguf-zero-sized-tensor", "F12: a GGUF tensor with a zero dimension reaches candle's qtensor_from_ggml, which builds a slice from an empty Vec<u8>'s dangling pointer cast to *const f32 (unsafe precondition violated: misaligned pointer; undefined behaviour in release) (models: refuse zero-sized tensors in src/models/gguf.rs)"),
     ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
