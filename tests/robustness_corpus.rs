@@ -39,10 +39,6 @@ const CHILD_ENV: &str = "WICK_ROBUSTNESS_REPLAY_INPUT";
 /// owner fixes them. Remove a line when its fix lands.
 const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("doubling_lists", "F1: list `+` in a chat template is not charged fuel: memory grows without bound (job: src/tokenizer/chat_template.rs)"),
-    ("context_length_u32_max", "F3: GGUF `llama.context_length` sizes the rotary tables unchecked: a 4 GiB allocation aborts the process (models: src/models/gguf.rs)"),
-    ("block_count_u32_max", "F4: GGUF `llama.block_count` sizes a Vec unchecked: a 1.3 TB allocation aborts the process (models: src/models/gguf.rs)"),
-    ("max_position_embeddings_u64_max", "F5: config.json `max_position_embeddings` sizes the rotary tables unchecked: allocation abort (models: src/models/config.rs / layers.rs)"),
-    ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
 fn is_open_finding(name: &str) -> bool {
@@ -1029,7 +1025,7 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
 /// Replays the open findings; fails (listing them) until each is fixed. Run with
 /// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
 #[test]
-#[ignore = "open findings F1-F6, F10-F12 (docs/ROBUSTNESS.md): fails until their owners fix them"]
+#[ignore = "open finding F1 (docs/ROBUSTNESS.md): fails until it is fixed"]
 fn open_findings_are_fixed() {
     let inputs = open_finding_inputs();
     assert_eq!(

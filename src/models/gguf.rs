@@ -17,7 +17,10 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Activation, Embedding, RmsNorm};
 
-use crate::models::config::{ModelError, RopeScaling};
+use crate::models::config::{
+    check_limit, ModelError, RopeScaling, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS,
+    MAX_POSITION_EMBEDDINGS,
+};
 use crate::models::layers::{AttnSpec, Proj, Rotary};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
@@ -460,6 +463,23 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
         .unwrap_or(num_heads);
     let num_layers = r.meta_usize(&key("block_count"))?;
     let hidden = r.meta_usize(&key("embedding_length"))?;
+    // Caps before anything is sized from the metadata (F3, F4 in docs/ROBUSTNESS.md).
+    check_limit(&key("block_count"), num_layers, MAX_LAYERS)?;
+    check_limit(&key("embedding_length"), hidden, MAX_HIDDEN_SIZE)?;
+    check_limit(&key("attention.head_count"), num_heads, MAX_HEADS)?;
+    check_limit(&key("attention.head_count_kv"), num_kv_heads, MAX_HEADS)?;
+    // Every layer needs its tensors: a block count past the tensors present is refused before
+    // the layers are built.
+    if !r.has(&format!(
+        "blk.{}.attn_q.weight",
+        num_layers.saturating_sub(1)
+    )) {
+        return Err(ModelError::Gguf(format!(
+            "`{}` is {num_layers} but tensor `blk.{}.attn_q.weight` is missing",
+            key("block_count"),
+            num_layers.saturating_sub(1)
+        )));
+    }
     if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
         return Err(ModelError::Gguf(format!(
             "head counts {num_heads} / {num_kv_heads} are not a valid GQA layout"
@@ -476,6 +496,9 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
         .unwrap_or(1e-6);
     let theta = r.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0);
     let context = r.meta_usize(&key("context_length")).unwrap_or(4096);
+    check_limit(&key("context_length"), context, MAX_POSITION_EMBEDDINGS)?;
+    check_limit(&key("attention.key_length"), head_dim, MAX_HEAD_DIM)?;
+    check_limit(&key("rope.dimension_count"), rotary_dim, MAX_HEAD_DIM)?;
 
     // Llama 3.1 files carry the frequency factors of the llama3 rope scaling as a tensor.
     let scaling = if r.has("rope_freqs.weight") {
