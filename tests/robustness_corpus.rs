@@ -498,7 +498,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     let hostile = hostile_openai_bodies();
     let hostile_names: Vec<String> = hostile.iter().map(|(n, _)| n.clone()).collect();
     inputs.extend(hostile);
-    // Tolerated: an unknown field is ignored, never deserialized into a tensor (no crash either way).
+    // F9: prompt embeddings are refused by name on both routes, never deserialized into a tensor.
     inputs.push((
         "prompt_embeds".into(),
         serde_json::to_vec(&json!({"prompt": "x", "prompt_embeds": "AAAA"})).unwrap(),
@@ -506,7 +506,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     let mut replay = replay("openai_request", inputs);
     // Outcomes are [chat route, completions route]. Every hostile body is refused by the chat route;
     // body-level bombs by both. (Fields a route does not define, like `top_logprobs` or
-    // `prompt_embeds` on completions, are ignored there, never interpreted.)
+    // `stop` lists on completions, are ignored there, never interpreted.)
     for name in &hostile_names {
         replay.expect(name, "chat rejection", |o| {
             o.first().is_some_and(is_rejected)
@@ -523,6 +523,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     ] {
         replay.expect(name, "rejection by both routes", all_rejected);
     }
+    replay.expect("prompt_embeds", "rejection by both routes", all_rejected);
     replay.expect("openai_request/chat", "chat acceptance", |o| {
         o[0] == Outcome::Accepted
     });
