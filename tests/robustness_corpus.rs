@@ -39,15 +39,6 @@ const CHILD_ENV: &str = "WICK_ROBUSTNESS_REPLAY_INPUT";
 /// owner fixes them. Remove a line when its fix lands.
 const OPEN_FINDINGS: &[(&str, &str)] = &[
     ("doubling_lists", "F1: list `+` in a chat template is not charged fuel: memory grows without bound (job: src/tokenizer/chat_template.rs)"),
-    ("alignment_zero", "F2: GGUF `general.alignment = 0` divides by zero in candle's reader, reached via engine::loader::load_tokenizer / models::gguf (panic instead of an error)"),
-    ("context_length_u32_max", "F3: GGUF `llama.context_length` sizes the rotary tables unchecked: a 4 GiB allocation aborts the process (models: src/models/gguf.rs)"),
-    ("block_count_u32_max", "F4: GGUF `llama.block_count` sizes a Vec unchecked: a 1.3 TB allocation aborts the process (models: src/models/gguf.rs)"),
-    ("max_position_embeddings_u64_max", "F5: config.json `max_position_embeddings` sizes the rotary tables unchecked: allocation abort (models: src/models/config.rs / layers.rs)"),
-    ("overlapping_tag", "F10: a chat template containing `{%}` panics in strip_generation_tags (slice begin > end) when the template is compiled at model load (job: src/tokenizer/chat_template.rs:295)"),
-    ("F11-gguf-tensor-dims-overflow", "F11: GGUF tensor dims whose product overflows usize: candle's Shape::elem_count multiplies unchecked (panic with overflow checks, wrap-around in release) when models::gguf reads the tensor (models: src/models/gguf.rs:113; candle gguf_file.rs:94)"),
-    ("F10-chat-template-overlapping-tag", "F10, as found by the fuzzer"),
-    ("F12-gguf-zero-sized-tensor", "F12: a GGUF tensor with a zero dimension reaches candle's qtensor_from_ggml, which builds a slice from an empty Vec<u8>'s dangling pointer cast to *const f32 (unsafe precondition violated: misaligned pointer; undefined behaviour in release) (models: refuse zero-sized tensors in src/models/gguf.rs)"),
-    ("layers_1e9", "F6: config.json `num_hidden_layers` sizes a Vec before any weight is checked: 16 GB allocation abort (models: src/models/llama.rs)"),
 ];
 
 fn is_open_finding(name: &str) -> bool {
@@ -507,7 +498,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     let hostile = hostile_openai_bodies();
     let hostile_names: Vec<String> = hostile.iter().map(|(n, _)| n.clone()).collect();
     inputs.extend(hostile);
-    // Tolerated: an unknown field is ignored, never deserialized into a tensor (no crash either way).
+    // F9: prompt embeddings are refused by name on both routes, never deserialized into a tensor.
     inputs.push((
         "prompt_embeds".into(),
         serde_json::to_vec(&json!({"prompt": "x", "prompt_embeds": "AAAA"})).unwrap(),
@@ -515,7 +506,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     let mut replay = replay("openai_request", inputs);
     // Outcomes are [chat route, completions route]. Every hostile body is refused by the chat route;
     // body-level bombs by both. (Fields a route does not define, like `top_logprobs` or
-    // `prompt_embeds` on completions, are ignored there, never interpreted.)
+    // `stop` lists on completions, are ignored there, never interpreted.)
     for name in &hostile_names {
         replay.expect(name, "chat rejection", |o| {
             o.first().is_some_and(is_rejected)
@@ -532,6 +523,7 @@ fn openai_corpus_and_hostile_bodies_end_in_an_error_or_a_bounded_result() {
     ] {
         replay.expect(name, "rejection by both routes", all_rejected);
     }
+    replay.expect("prompt_embeds", "rejection by both routes", all_rejected);
     replay.expect("openai_request/chat", "chat acceptance", |o| {
         o[0] == Outcome::Accepted
     });
@@ -1034,7 +1026,7 @@ fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
 /// Replays the open findings; fails (listing them) until each is fixed. Run with
 /// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
 #[test]
-#[ignore = "open findings F1-F6, F10-F12 (docs/ROBUSTNESS.md): fails until their owners fix them"]
+#[ignore = "open finding F1 (docs/ROBUSTNESS.md): fails until it is fixed"]
 fn open_findings_are_fixed() {
     let inputs = open_finding_inputs();
     assert_eq!(

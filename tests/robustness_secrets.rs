@@ -288,8 +288,8 @@ fn hub_refusing_the_token_does_not_echo_it() {
 
 #[test]
 fn malformed_runpod_url_failure_does_not_leak_secrets() {
-    // The worker starts, fails every job-take on the bad URL and logs each failure; stopped by
-    // SIGTERM after a few. (Finding F7: it could refuse such a URL at startup instead.)
+    // F7: the worker refuses the bad URL at startup (exit code 1, naming the variable, not the
+    // value), before loading the model.
     let dir = tempdir();
     let model = fixture("tiny-llama");
     let run = run_wick(
@@ -309,10 +309,14 @@ fn malformed_runpod_url_failure_does_not_leak_secrets() {
     );
     run.assert_no_canary();
     assert!(
-        run.exit_code.is_some_and(|c| c != 0) || run.stderr.contains("job-take failed"),
-        "the bad URL was neither refused nor reported:\n{}",
+        run.exit_code.is_some_and(|c| c != 0)
+            && run
+                .stderr
+                .contains("`RUNPOD_WEBHOOK_GET_JOB` is not a valid URL"),
+        "the bad URL was not refused at startup:\n{}",
         run.all_output()
     );
+    assert!(!run.stderr.contains("not a url"), "the value is not echoed");
 }
 
 #[test]

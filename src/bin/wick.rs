@@ -241,6 +241,8 @@ fn select_mode(config: &Config, runpod: &RunpodEnv) -> anyhow::Result<Mode> {
         if runpod.post_output_url.is_none() {
             bail!("RUNPOD_WEBHOOK_GET_JOB is set but RUNPOD_WEBHOOK_POST_OUTPUT is not: results could not be returned");
         }
+        // Before the model is loaded: a malformed URL would fail every call.
+        wick::queue::check_urls(runpod)?;
         return Ok(Mode::Queue);
     }
     let cwd = std::env::current_dir().context("current directory")?;

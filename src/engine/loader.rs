@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
 use super::{
@@ -105,9 +104,7 @@ pub fn load_tokenizer(
 ) -> Result<Tokenizer, EngineError> {
     let tokenizer = match (&files.weights, &files.tokenizer_json) {
         (WeightFiles::Gguf(path), None) => {
-            let mut file = std::fs::File::open(path)
-                .map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
-            let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            let content = crate::models::gguf::read_content(path).map_err(|e| {
                 EngineError::Model(format!("cannot read GGUF {}: {e}", path.display()))
             })?;
             Tokenizer::from_gguf(&content, custom_chat_template)

@@ -415,7 +415,9 @@ pub async fn run_load(
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
     let stop_clients = CancellationToken::new();
-    let mut clients = Vec::new();
+    // A JoinSet: each client's result is taken exactly once, whether it finished before the
+    // SIGTERM or after (awaiting a `JoinHandle` a second time panics).
+    let mut clients = tokio::task::JoinSet::new();
     for _ in 0..load.concurrency.max(1) {
         let (platform, next, latencies, stop) = (
             platform.clone(),
@@ -424,7 +426,7 @@ pub async fn run_load(
             stop_clients.clone(),
         );
         let (input, total, job_timeout) = (load.input.clone(), load.jobs, load.job_timeout);
-        clients.push(tokio::spawn(async move {
+        clients.spawn(async move {
             while !stop.is_cancelled() && next.fetch_add(1, Ordering::Relaxed) < total {
                 let sent = Instant::now();
                 let id = platform.submit(input.clone());
@@ -437,7 +439,7 @@ pub async fn run_load(
                     latencies.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
                 }
             }
-        }));
+        });
     }
     let mut sigterm_at = None;
     if let Some(plan) = load.sigterm {
@@ -445,7 +447,13 @@ pub async fn run_load(
             SigtermPlan::After(delay) => delay,
             SigtermPlan::Random(max) => max.mul_f64(Jitter::new().unit()),
         };
-        let all_done = futures_util::future::join_all(clients.iter_mut());
+        let all_done = async {
+            while let Some(joined) = clients.join_next().await {
+                if let Err(error) = joined {
+                    warn!(%error, "load client task failed");
+                }
+            }
+        };
         if tokio::time::timeout(delay, all_done).await.is_err() {
             if let Some(worker) = session.worker.as_ref() {
                 info!(
@@ -465,8 +473,8 @@ pub async fn run_load(
             }
         }
     }
-    for client in clients {
-        if let Err(error) = client.await {
+    while let Some(joined) = clients.join_next().await {
+        if let Err(error) = joined {
             warn!(%error, "load client task failed");
         }
     }

@@ -307,6 +307,13 @@ impl NativeInput {
     /// # Errors
     /// [`JobError::Validation`].
     pub fn from_map(map: &Map<String, Value>) -> Result<NativeInput, JobError> {
+        // Tensors are never taken from a job (vLLM's prompt-embeds memory corruption class).
+        if map.get("prompt_embeds").is_some_and(is_set) {
+            return Err(JobError::Validation(
+                "`prompt_embeds` is not supported by this worker; send `prompt` or `messages`"
+                    .into(),
+            ));
+        }
         let apply_chat_template: bool =
             field(map, "apply_chat_template", "a boolean")?.unwrap_or(false);
         let prompt = match (
@@ -433,6 +440,14 @@ mod tests {
             JobInput::parse(json!("hello"), &limits()),
             Err(JobError::Validation(_))
         ));
+    }
+
+    #[test]
+    fn prompt_embeds_are_refused_by_name() {
+        let err = JobInput::parse(json!({"prompt": "x", "prompt_embeds": "AAAA"}), &limits())
+            .unwrap_err();
+        assert!(matches!(err, JobError::Validation(_)));
+        assert!(err.to_string().contains("`prompt_embeds`"), "{err}");
     }
 
     #[test]

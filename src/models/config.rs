@@ -282,6 +282,36 @@ impl ModelConfig {
     }
 }
 
+/// Largest `num_hidden_layers` / GGUF `block_count` accepted (the largest released models have
+/// ~130 layers); a bigger count would size per-layer allocations before any weight is checked.
+pub const MAX_LAYERS: usize = 1024;
+/// Largest `hidden_size` / `head_dim × heads` width accepted.
+pub const MAX_HIDDEN_SIZE: usize = 1 << 17;
+/// Largest `intermediate_size` accepted.
+pub const MAX_INTERMEDIATE_SIZE: usize = 1 << 20;
+/// Largest attention head count (query or key/value) accepted.
+pub const MAX_HEADS: usize = 1024;
+/// Largest `head_dim` accepted.
+pub const MAX_HEAD_DIM: usize = 1024;
+/// Largest `vocab_size` accepted.
+pub const MAX_VOCAB_SIZE: usize = 1 << 24;
+/// Largest `max_position_embeddings` / GGUF `context_length` accepted: the rotary tables are sized
+/// by it (f32 cos + sin: `positions × rotary_dim × 4` bytes, 512 MiB at this cap with 128-wide heads).
+pub const MAX_POSITION_EMBEDDINGS: usize = 1 << 20;
+
+/// Checks one size-like config value against its cap before anything is allocated from it.
+///
+/// # Errors
+/// [`ModelError::InvalidConfig`] naming the field, the value and the limit.
+pub fn check_limit(field: &str, value: usize, limit: usize) -> Result<usize, ModelError> {
+    if value > limit {
+        return Err(ModelError::InvalidConfig(format!(
+            "`{field}` is {value}, more than the supported maximum {limit}"
+        )));
+    }
+    Ok(value)
+}
+
 fn required(value: Option<usize>, name: &str) -> Result<usize, ModelError> {
     match value {
         Some(0) => Err(ModelError::InvalidConfig(format!(
@@ -330,6 +360,24 @@ impl RawConfig {
         };
         let num_hidden_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
+        // Caps before anything is sized from these values (F3-F6 in docs/ROBUSTNESS.md).
+        check_limit("num_hidden_layers", num_hidden_layers, MAX_LAYERS)?;
+        check_limit("hidden_size", hidden_size, MAX_HIDDEN_SIZE)?;
+        check_limit("num_attention_heads", num_attention_heads, MAX_HEADS)?;
+        check_limit("num_key_value_heads", num_key_value_heads, MAX_HEADS)?;
+        check_limit("head_dim", head_dim, MAX_HEAD_DIM)?;
+        check_limit(
+            "max_position_embeddings",
+            max_position_embeddings,
+            MAX_POSITION_EMBEDDINGS,
+        )?;
+        if let Some(original) = self.original_max_position_embeddings {
+            check_limit(
+                "original_max_position_embeddings",
+                original,
+                MAX_POSITION_EMBEDDINGS,
+            )?;
+        }
 
         // rope: `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x, also holds rope_theta).
         let rope_params = self.rope_parameters.as_ref();
@@ -394,12 +442,20 @@ impl RawConfig {
         Ok(ModelConfig {
             architecture,
             hidden_size,
-            intermediate_size: required(self.intermediate_size, "intermediate_size")?,
+            intermediate_size: check_limit(
+                "intermediate_size",
+                required(self.intermediate_size, "intermediate_size")?,
+                MAX_INTERMEDIATE_SIZE,
+            )?,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            vocab_size: required(self.vocab_size, "vocab_size")?,
+            vocab_size: check_limit(
+                "vocab_size",
+                required(self.vocab_size, "vocab_size")?,
+                MAX_VOCAB_SIZE,
+            )?,
             max_position_embeddings,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
@@ -564,6 +620,38 @@ mod tests {
 
     fn parse(m: serde_json::Map<String, Value>) -> Result<ModelConfig, ModelError> {
         ModelConfig::from_json_str(&Value::Object(m).to_string())
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_field_value_and_limit() {
+        for (field, value) in [
+            ("num_hidden_layers", serde_json::json!(1_000_000_000u64)),
+            ("max_position_embeddings", serde_json::json!(u64::MAX)),
+            ("hidden_size", serde_json::json!(1u64 << 40)),
+            ("intermediate_size", serde_json::json!(1u64 << 40)),
+            ("vocab_size", serde_json::json!(1u64 << 40)),
+            ("num_attention_heads", serde_json::json!(1u64 << 20)),
+        ] {
+            let mut m = base();
+            m.insert(field.into(), value.clone());
+            if field == "num_attention_heads" {
+                m.insert("num_key_value_heads".into(), value.clone());
+            }
+            match parse(m) {
+                Err(ModelError::InvalidConfig(message)) => {
+                    assert!(message.contains(field), "{message}");
+                    assert!(message.contains(&value.to_string()), "{message}");
+                    assert!(message.contains("maximum"), "{message}");
+                }
+                other => panic!("{field} = {value}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        let mut m = base();
+        m.insert(
+            "max_position_embeddings".into(),
+            serde_json::json!(MAX_POSITION_EMBEDDINGS),
+        );
+        assert!(parse(m).is_ok(), "the cap itself is accepted");
     }
 
     #[test]

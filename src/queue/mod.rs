@@ -45,7 +45,7 @@ pub use client::{PostOutcome, QueueError, Timeouts};
 pub use ping::report_unhealthy;
 pub use spool::SpoolSettings;
 pub use wire::WorkerIdentity;
-pub use worker::{run_worker, StartError, WorkerReport, WorkerSettings};
+pub use worker::{check_urls, run_worker, StartError, WorkerReport, WorkerSettings};
 
 /// The runpod-python release whose protocol this worker speaks; sent as `runpod_version`.
 pub const RUNPOD_SDK_VERSION: &str = "1.12.0";

@@ -117,9 +117,43 @@ pub fn encode_component(value: &str) -> String {
     out
 }
 
+/// Checks that a URL template (`$ID` / `$RUNPOD_POD_ID` placeholders allowed) is an absolute
+/// `http`/`https` URL, so a malformed `RUNPOD_WEBHOOK_*` variable is refused at startup rather than
+/// failing every call. The error says why, never the template itself (it may carry secrets).
+///
+/// # Errors
+/// The reason the template is not a usable URL.
+pub fn check_template(template: &str) -> Result<(), String> {
+    let sample = template
+        .replace("$RUNPOD_POD_ID", "worker")
+        .replace("$ID", "id");
+    let url = reqwest::Url::parse(&sample).map_err(|e| e.to_string())?;
+    match url.scheme() {
+        "http" | "https" if url.host().is_some() => Ok(()),
+        "http" | "https" => Err("the URL has no host".to_string()),
+        other => Err(format!("scheme `{other}` is not http or https")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malformed_templates_are_refused_and_real_ones_accepted() {
+        assert!(check_template("http://127.0.0.1:8080/v2/e/job-take/$ID?gpu=x").is_ok());
+        assert!(
+            check_template("https://api.example.test/v2/e/job-done/$RUNPOD_POD_ID/$ID").is_ok()
+        );
+        let why = check_template("::not a url::/$ID").unwrap_err();
+        assert!(
+            !why.contains("not a url"),
+            "the template is not echoed: {why}"
+        );
+        assert!(check_template("ftp://host/$ID").is_err());
+        assert!(check_template("/relative/$ID").is_err());
+        assert!(check_template("").is_err());
+    }
 
     fn endpoints() -> Endpoints {
         Endpoints::new(

@@ -39,6 +39,14 @@ pub enum StartError {
     /// A required variable is missing.
     #[error("`{0}` is not set")]
     Missing(&'static str),
+    /// A platform URL template is not an absolute http(s) URL.
+    #[error("`{var}` is not a valid URL: {reason}")]
+    InvalidUrl {
+        /// The environment variable.
+        var: &'static str,
+        /// Why (the value is not repeated: it may carry secrets).
+        reason: String,
+    },
     /// The HTTP client could not be built.
     #[error(transparent)]
     Client(#[from] QueueError),
@@ -194,6 +202,26 @@ pub(super) struct Shared<R> {
     pub(super) spool: Option<Spool>,
 }
 
+/// Checks every platform URL template that is set (`RUNPOD_WEBHOOK_GET_JOB`, `_POST_OUTPUT`,
+/// `_POST_STREAM`, `_PING`); the binary calls this before loading the model.
+///
+/// # Errors
+/// [`StartError::InvalidUrl`] naming the first malformed variable.
+pub fn check_urls(env: &RunpodEnv) -> Result<(), StartError> {
+    for (var, template) in [
+        ("RUNPOD_WEBHOOK_GET_JOB", &env.get_job_url),
+        ("RUNPOD_WEBHOOK_POST_OUTPUT", &env.post_output_url),
+        ("RUNPOD_WEBHOOK_POST_STREAM", &env.post_stream_url),
+        ("RUNPOD_WEBHOOK_PING", &env.ping_url),
+    ] {
+        if let Some(template) = template {
+            crate::queue::urls::check_template(template)
+                .map_err(|reason| StartError::InvalidUrl { var, reason })?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the queue worker until `shutdown` fires, then drains: no new job is taken, in-flight jobs
 /// get until `shutdown_grace` minus a margin, the rest are reported failed (`shutting_down`,
 /// retryable), the result spool gets one more flush, and the call returns. Spooled results of an
@@ -220,6 +248,7 @@ pub async fn run_worker<R: JobRunner>(
         .as_deref()
         .ok_or(StartError::Missing("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
     let stream = env.post_stream_url.as_deref();
+    check_urls(env)?;
     if stream.is_none() {
         warn!("RUNPOD_WEBHOOK_POST_STREAM is not set: chunks are not streamed (final results still carry them)");
     }

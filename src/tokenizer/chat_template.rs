@@ -287,17 +287,20 @@ fn strip_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else {
+        // The closing `%}` is searched after the opening `{%`, so `{%}` (overlapping markers) is
+        // not a tag and is left for minijinja to reject.
+        let body_start = start + 2;
+        let Some(body_len) = rest[body_start..].find("%}") else {
             break;
         };
-        let tag = &rest[start..start + len + 2];
-        let inner =
-            tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let tag_end = body_start + body_len + 2;
+        let inner = rest[body_start..body_start + body_len]
+            .trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
         if inner != "generation" && inner != "endgeneration" {
-            out.push_str(tag);
+            out.push_str(&rest[start..tag_end]);
         }
-        rest = &rest[start + len + 2..];
+        rest = &rest[tag_end..];
     }
     out.push_str(rest);
     out
@@ -595,6 +598,25 @@ fn write_py_json(value: &serde_json::Value, style: &PyJsonStyle, level: usize, o
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn overlapping_block_markers_are_an_error_not_a_panic() {
+        // `{%}`: the `%}` overlaps the `{%` (fuzzer finding F10).
+        for source in ["{%}", "a{%}b", "{%}{% generation %}", "{%-}", "{%%}"] {
+            assert!(
+                matches!(
+                    ChatTemplate::new(source.to_string()),
+                    Err(TokenizerError::Template(_))
+                ),
+                "{source:?} must be refused"
+            );
+        }
+        assert_eq!(strip_generation_tags("x{%}y"), "x{%}y");
+        assert_eq!(
+            strip_generation_tags("{% generation %}a{%- endgeneration -%}"),
+            "a"
+        );
+    }
 
     fn render(source: &str, messages: serde_json::Value) -> Result<String, TokenizerError> {
         ChatTemplate::new(source.to_string())?.render(

@@ -80,6 +80,7 @@ fn reject_unsupported_openai(map: &Map<String, Value>) -> Result<(), JobError> {
         "suffix",
         "continue_final_message",
         "echo_prompt",
+        "prompt_embeds",
     ] {
         if map
             .get(name)
@@ -339,6 +340,10 @@ mod tests {
                 "`logit_bias`",
             ),
             (json!({"messages": msgs, "n": 99}), "`n`"),
+            (
+                json!({"messages": msgs, "prompt_embeds": "AAAA"}),
+                "`prompt_embeds`",
+            ),
             (json!({}), "`messages`"),
         ];
         for (body, needle) in cases {
