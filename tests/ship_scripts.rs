@@ -227,8 +227,10 @@ fn scripts_are_executable_strict_and_parse() {
                 "scripts/{name}: unknown interpreter"
             );
         }
+        // The folder that holds this checkout is a path of the build machine, not of the project.
+        let machine_dir = format!("{}/", repo_root().parent().unwrap().display());
         assert!(
-            !text.contains("/work/"),
+            machine_dir == "//" || !text.contains(&machine_dir),
             "scripts/{name} names a path of the build machine"
         );
         checked += 1;
