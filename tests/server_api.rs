@@ -141,10 +141,11 @@ async fn errors_are_openai_objects_with_their_status() {
         ),
         ("n too large", chat("hi", json!({"n": 1000})), 422),
         ("unknown model", chat("hi", json!({"model": "gpt-9"})), 404),
+        // As vLLM's OpenAI server: a prompt longer than the context is a 400, not a 422.
         (
             "prompt too long",
             json!({"prompt": "hello ".repeat(200), "max_tokens": 4}),
-            422,
+            400,
         ),
     ];
     for (what, body, expected) in cases {

@@ -138,7 +138,7 @@ pub fn engine_error(err: EngineError) -> JobError {
         EngineError::PromptTooLong {
             prompt_tokens,
             max_model_len,
-        } => JobError::Validation(format!(
+        } => JobError::TooLong(format!(
             "`prompt` must have less than {max_model_len} tokens. Given: {prompt_tokens}"
         )),
         EngineError::Stopped | EngineError::Model(_) => JobError::Engine(err.to_string()),

@@ -550,7 +550,8 @@ pub fn fit_max_tokens(
         ));
     }
     if prompt_tokens >= max_model_len {
-        return Err(validation(format!(
+        // Its own kind (error_type still `validation`) so HTTP answers 400, as vLLM does.
+        return Err(JobError::TooLong(format!(
             "`prompt` must have less than {max_model_len} tokens. Given: {prompt_tokens}"
         )));
     }
