@@ -14,7 +14,9 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
-use crate::models::layers::{softcap, BatchPlan, Proj, Rotary, RotaryForPass};
+use crate::models::layers::{
+    embedding_and_head, last_token_logits, softcap, BatchPlan, Proj, Rotary, RotaryForPass,
+};
 use crate::models::llama::{model_info, Mlp, SelfAttn};
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -97,14 +99,7 @@ impl Gemma2 {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let vb_m = vb.pp("model");
-        let embed_weight = vb_m
-            .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Proj::Dense(candle_nn::Linear::new(embed_weight.clone(), None))
-        } else {
-            Proj::dense(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
-        };
+        let (embed_tokens, lm_head) = embedding_and_head(cfg, &vb)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, vb_m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -113,7 +108,7 @@ impl Gemma2 {
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?[0];
         Ok(Self {
-            embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
+            embed_tokens,
             layers,
             norm: gemma_rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
             lm_head,
@@ -138,9 +133,7 @@ impl CausalLm for Gemma2 {
         for (i, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, &self.rotary, &rot, &plan, i, cache)?;
         }
-        let last = xs.index_select(&plan.last_token_index, 0)?.contiguous()?; // (n_seqs, hidden)
-        let last = self.norm.forward(&last)?;
-        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
+        let logits = last_token_logits(&xs, &plan, &self.norm, &self.lm_head)?;
         match self.final_logit_softcapping {
             Some(cap) => softcap(&logits, cap),
             None => Ok(logits),

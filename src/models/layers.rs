@@ -21,6 +21,40 @@ use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::{ForwardBatch, SeqChunk};
 
+/// Loads the token embedding and the output projection of a Hugging Face checkpoint: `lm_head`, or the
+/// embedding matrix itself when `tie_word_embeddings`. `vb` is the checkpoint root (`model.*` inside).
+pub(crate) fn embedding_and_head(
+    cfg: &ModelConfig,
+    vb: &candle_nn::VarBuilder,
+) -> Result<(candle_nn::Embedding, Proj)> {
+    let embed_weight = vb
+        .pp("model")
+        .pp("embed_tokens")
+        .get((cfg.vocab_size, cfg.hidden_size), "weight")?; // (vocab, hidden)
+    let lm_head = if cfg.tie_word_embeddings {
+        Proj::Dense(candle_nn::Linear::new(embed_weight.clone(), None))
+    } else {
+        Proj::dense(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+    };
+    Ok((
+        candle_nn::Embedding::new(embed_weight, cfg.hidden_size),
+        lm_head,
+    ))
+}
+
+/// The logits of each sequence's last new token: gathers those rows of `xs` `(tokens, hidden)`, applies
+/// the final norm and the output projection, and returns `(n_seqs, vocab)` in f32.
+pub(crate) fn last_token_logits(
+    xs: &Tensor,
+    plan: &BatchPlan,
+    norm: &candle_nn::RmsNorm,
+    lm_head: &Proj,
+) -> Result<Tensor> {
+    // `.contiguous()` before the projection: the gathered rows feed a matmul (and QMatMul needs it).
+    let last = xs.index_select(&plan.last_token_index, 0)?.contiguous()?; // (n_seqs, hidden)
+    lm_head.forward(&norm.forward(&last)?)?.to_dtype(DType::F32)
+}
+
 /// Up to this many rows, dense CPU projections compute `(W x^T)^T` (see [`Proj::forward`]).
 const SMALL_BATCH_ROWS: usize = 128;
 

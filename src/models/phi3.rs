@@ -7,12 +7,14 @@
 //! sequence's last token, partial rotary and per-sequence longrope selection.
 //! Reference: transformers `models/phi3/modeling_phi3.py` (Abdin et al., 2024).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, RmsNorm, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
-use crate::models::layers::{attend, AttnSpec, BatchPlan, Proj, Rotary, RotaryForPass};
+use crate::models::layers::{
+    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Proj, Rotary, RotaryForPass,
+};
 use crate::models::llama::model_info;
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -175,19 +177,12 @@ impl Phi3 {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let vb_m = vb.pp("model");
-        let embed_weight = vb_m
-            .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Proj::Dense(candle_nn::Linear::new(embed_weight.clone(), None))
-        } else {
-            Proj::dense(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
-        };
+        let (embed_tokens, lm_head) = embedding_and_head(cfg, &vb)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, vb_m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            embed_tokens: Embedding::new(embed_weight, cfg.hidden_size),
+            embed_tokens,
             layers,
             norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
             lm_head,
@@ -210,8 +205,6 @@ impl CausalLm for Phi3 {
         for (i, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, &self.rotary, &rot, &plan, i, cache)?;
         }
-        let last = xs.index_select(&plan.last_token_index, 0)?.contiguous()?; // (n_seqs, hidden)
-        let last = self.norm.forward(&last)?;
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+        last_token_logits(&xs, &plan, &self.norm, &self.lm_head)
     }
 }
