@@ -157,9 +157,9 @@ const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("lora_request", "LoRA adapters are not supported"),
 ];
 
-/// Whether a value counts as "set" for an unsupported field (`false`, `null`, `{}`, `[]`, `""` and
-/// `0` mean "not used").
-fn is_set(value: &Value) -> bool {
+/// Python truthiness of a JSON value (`false`, `null`, `{}`, `[]`, `""` and `0` are false): whether an
+/// unsupported field counts as "set", and (in `queue::wire`) whether the SDK would see an `error`.
+pub(crate) fn python_truthy(value: &Value) -> bool {
     match value {
         Value::Null => false,
         Value::Bool(b) => *b,
@@ -176,7 +176,7 @@ fn is_set(value: &Value) -> bool {
 /// [`JobError::Validation`] naming the field.
 pub(crate) fn reject_unsupported(map: &Map<String, Value>) -> Result<(), JobError> {
     for (field, why) in UNSUPPORTED_FIELDS {
-        if map.get(*field).is_some_and(is_set) {
+        if map.get(*field).is_some_and(python_truthy) {
             return Err(JobError::Validation(format!(
                 "`{field}`: {why} by this worker"
             )));
@@ -308,7 +308,7 @@ impl NativeInput {
     /// [`JobError::Validation`].
     pub fn from_map(map: &Map<String, Value>) -> Result<NativeInput, JobError> {
         // Tensors are never taken from a job (vLLM's prompt-embeds memory corruption class).
-        if map.get("prompt_embeds").is_some_and(is_set) {
+        if map.get("prompt_embeds").is_some_and(python_truthy) {
             return Err(JobError::Validation(
                 "`prompt_embeds` is not supported by this worker; send `prompt` or `messages`"
                     .into(),

@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::job::input::python_truthy;
+
 /// One job handed out by job-take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TakenJob {
@@ -113,14 +115,14 @@ pub fn result_body(output: Value) -> Value {
     if !fields.is_empty() {
         body.insert("output".into(), Value::Object(fields));
     }
-    if let Some(error) = error.filter(truthy) {
+    if let Some(error) = error.filter(python_truthy) {
         let text = match error {
             Value::String(s) => s,
             other => other.to_string(),
         };
         body.insert("error".into(), Value::String(text));
     }
-    if refresh_worker.as_ref().is_some_and(truthy) {
+    if refresh_worker.as_ref().is_some_and(python_truthy) {
         body.insert("stopPod".into(), Value::Bool(true));
     }
     Value::Object(body)
@@ -174,19 +176,7 @@ pub fn error_body(
 
 /// Whether a final body reports a failure (a truthy `error`).
 pub fn is_error_body(body: &Value) -> bool {
-    body.get("error").is_some_and(truthy)
-}
-
-/// Python truthiness of a JSON value.
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
+    body.get("error").is_some_and(python_truthy)
 }
 
 fn json_kind(value: &Value) -> &'static str {
