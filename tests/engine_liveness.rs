@@ -21,7 +21,7 @@ use wick::engine::{
     EngineConfig, EngineHandle, EngineHealth, GenerateRequest, SamplingParams, SeqEvent,
 };
 use wick::harness::{Faults, JobStatus, Route};
-use wick::hub::{ModelFiles, WeightFiles};
+use wick::hub::ModelFiles;
 use wick::job::JobContext;
 use wick::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -87,13 +87,8 @@ impl CausalLm for FaultInjector {
 fn fixture_files() -> ModelFiles {
     let dir =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-    ModelFiles {
-        config: Some(dir.join("config.json")),
-        weights: WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-        tokenizer_json: Some(dir.join("tokenizer.json")),
-        tokenizer_config: Some(dir.join("tokenizer_config.json")),
-        generation_config: Some(dir.join("generation_config.json")),
-    }
+    // The same resolution `MODEL_NAME=<dir>` gets.
+    wick::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
 }
 
 fn faulty_engine(fault: Fault, fault_on: usize) -> EngineHandle {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use serde_json::Value;
 use wick::engine::kv_cache::KvCache;
-use wick::hub::{ModelFiles, WeightFiles};
+use wick::hub::ModelFiles;
 use wick::models::{CausalLm, ForwardBatch, SeqChunk};
 
 /// Top-5 logits must match transformers within this.
@@ -27,13 +27,8 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 fn fixture_files(name: &str) -> ModelFiles {
     let dir = fixture_dir(name);
-    ModelFiles {
-        config: Some(dir.join("config.json")),
-        weights: WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-        tokenizer_json: Some(dir.join("tokenizer.json")),
-        tokenizer_config: Some(dir.join("tokenizer_config.json")),
-        generation_config: Some(dir.join("generation_config.json")),
-    }
+    // The same resolution `MODEL_NAME=<dir>` gets.
+    wick::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
 }
 
 fn load(name: &str) -> (Box<dyn CausalLm>, Value) {

@@ -1057,13 +1057,8 @@ fn fixture_files(name: &str) -> wick::hub::ModelFiles {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
-    wick::hub::ModelFiles {
-        config: Some(dir.join("config.json")),
-        weights: wick::hub::WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-        tokenizer_json: Some(dir.join("tokenizer.json")),
-        tokenizer_config: Some(dir.join("tokenizer_config.json")),
-        generation_config: Some(dir.join("generation_config.json")),
-    }
+    // The same resolution `MODEL_NAME=<dir>` gets.
+    wick::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
 }
 
 /// Largest job output accepted as "bounded" here (the tiny model with a 256-token context makes

@@ -235,19 +235,13 @@ fn dedup_in_order(ids: &mut Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::WeightFiles;
 
     fn fixture_files(name: &str) -> ModelFiles {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name);
-        ModelFiles {
-            config: Some(dir.join("config.json")),
-            weights: WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-            tokenizer_json: Some(dir.join("tokenizer.json")),
-            tokenizer_config: Some(dir.join("tokenizer_config.json")),
-            generation_config: Some(dir.join("generation_config.json")),
-        }
+        // The same resolution `MODEL_NAME=<dir>` gets.
+        crate::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
     }
 
     #[test]

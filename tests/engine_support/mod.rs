@@ -10,7 +10,7 @@ use wick::engine::{
     load_engine, EngineHandle, GenerateRequest, GeneratedToken, SamplingParams, SeqEvent,
     SeqEvents, SeqSummary,
 };
-use wick::hub::{ModelFiles, WeightFiles};
+use wick::hub::ModelFiles;
 
 /// The five tiny fixture models.
 pub const FAMILIES: [&str; 5] = [
@@ -34,13 +34,8 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 /// The resolved files of a fixture model.
 pub fn fixture_files(name: &str) -> ModelFiles {
     let dir = fixture_dir(name);
-    ModelFiles {
-        config: Some(dir.join("config.json")),
-        weights: WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-        tokenizer_json: Some(dir.join("tokenizer.json")),
-        tokenizer_config: Some(dir.join("tokenizer_config.json")),
-        generation_config: Some(dir.join("generation_config.json")),
-    }
+    // The same resolution `MODEL_NAME=<dir>` gets.
+    wick::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
 }
 
 /// Engine settings for tests.

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wick::config::{Config, Secret};
 use wick::engine::{load_engine, EngineHandle};
-use wick::hub::{ModelFiles, WeightFiles};
+use wick::hub::ModelFiles;
 use wick::job::JobContext;
 use wick::server::{AppState, ServerError, ServerSettings};
 
@@ -27,13 +27,8 @@ pub fn fixture_files(name: &str) -> ModelFiles {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
-    ModelFiles {
-        config: Some(dir.join("config.json")),
-        weights: WeightFiles::Safetensors(vec![dir.join("model.safetensors")]),
-        tokenizer_json: Some(dir.join("tokenizer.json")),
-        tokenizer_config: Some(dir.join("tokenizer_config.json")),
-        generation_config: Some(dir.join("generation_config.json")),
-    }
+    // The same resolution `MODEL_NAME=<dir>` gets.
+    wick::hub::local::resolve_local_dir(&dir).expect("fixture directory resolves")
 }
 
 /// What a test server looks like.
