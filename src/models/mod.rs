@@ -74,6 +74,7 @@ pub trait CausalLm: Send {
 }
 
 pub mod config;
+pub mod cpu_matmul;
 pub mod gemma2;
 pub mod gguf;
 pub(crate) mod layers;
