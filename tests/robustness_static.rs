@@ -127,11 +127,11 @@ fn unsafe_code_stays_in_the_reviewed_places() {
         // AVX-512 kernels: pointers into the packed weights and into disjoint output columns
         // (bounds and disjointness tested in its unit tests, including ragged shapes and threads).
         "src/models/cpu_matmul.rs",
-        "src/hub/disk.rs",   // statvfs
-        "src/hub/cache.rs",  // flock
-        "src/harness/",      // kill(2) of the worker under test
-        "src/device.rs",     // cudarc driver probe
-        "src/bin/wick.rs",   // signal handling
+        "src/hub/disk.rs",  // statvfs
+        "src/hub/cache.rs", // flock
+        "src/harness/",     // kill(2) of the worker under test
+        "src/device.rs",    // cudarc driver probe
+        "src/bin/wick.rs",  // signal handling
     ];
     let found = hits("unsafe {", &allowed);
     assert!(
