@@ -20,6 +20,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
+use crate::models::cpu_attention;
 use crate::models::cpu_matmul::PackedMatrix;
 use crate::models::{ForwardBatch, SeqChunk};
 
@@ -665,6 +666,9 @@ pub(crate) fn attend(
     let (k_cache, v_cache) = cache.layer(layer)?;
     let device = q.device();
 
+    if plan.all_decode && cpu_attention::applies(device, q.dtype()) {
+        return cpu_attention::decode_attention(q, plan.seqs, k_cache, v_cache, spec);
+    }
     if plan.all_decode {
         // Runs of ascending consecutive slots are read as strided views of the cache without a
         // copy; many scattered slots are gathered (copied) into one batch instead.
