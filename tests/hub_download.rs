@@ -59,6 +59,10 @@ enum Fault {
     /// Drop the connection once the file's byte `at` is reached (nothing sent when the response
     /// starts past it); `new_etag`: the CDN's ETag changes right after (the object was replaced).
     CutAt { at: u64, new_etag: bool },
+    /// Send up to the file's byte `at`, then nothing more (the connection stays open).
+    StallAt(u64),
+    /// Answer a ranged request 416 Range Not Satisfiable (as a CDN that lost the object's length might).
+    Refuse416,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +117,9 @@ struct Hub {
     /// Per sha: how often the CDN object was replaced (its ETag changes each time).
     generation: Mutex<HashMap<String, u32>>,
     ignore_range: AtomicBool,
+    /// Cuts drop the connection at once, losing what the server had not yet written to the socket
+    /// (otherwise a cut waits briefly so every byte sent arrives).
+    hard_cuts: AtomicBool,
 }
 
 impl Hub {
@@ -385,7 +392,8 @@ fn resolve_route(
 enum Piece {
     Data(Bytes),
     After(Duration, Bytes),
-    Drop,
+    Drop { hard: bool },
+    Stall,
 }
 
 fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
@@ -436,7 +444,16 @@ fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
                 .and_then(|n| n.parse::<usize>().ok())
                 .expect("wick asks for open-ended byte ranges only")
         });
-    if wanted.is_some_and(|first| first >= len) {
+    let refuse = wanted.is_some() && {
+        let mut faults = hub.faults.lock().unwrap();
+        let queue = faults.entry(sha.to_string()).or_default();
+        let front = queue.front() == Some(&Fault::Refuse416);
+        if front {
+            queue.pop_front();
+        }
+        front
+    };
+    if refuse || wanted.is_some_and(|first| first >= len) {
         reply.status = 416;
         hub.cdn_log.lock().unwrap().push(reply);
         return respond(
@@ -468,6 +485,7 @@ fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
     let mut body = file.bytes.slice(start..);
     let mut pause = None;
     let mut cut = None;
+    let mut stall = false;
     match fault {
         None => {}
         Some(Fault::Corrupt) => {
@@ -477,6 +495,16 @@ fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
             body = Bytes::from(bytes);
         }
         Some(Fault::DropMidBody) => cut = Some(body.len() / 2),
+        Some(Fault::Refuse416) => unreachable!("answered before the body"),
+        Some(Fault::StallAt(at)) => {
+            cut = Some(
+                usize::try_from(at)
+                    .unwrap()
+                    .saturating_sub(start)
+                    .min(body.len()),
+            );
+            stall = true;
+        }
         Some(Fault::Pause(d)) => pause = Some((body.len() / 2, d)),
         Some(Fault::CutAt { at, new_etag }) => {
             cut = Some(
@@ -512,7 +540,13 @@ fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
         at = next;
     }
     if cut.is_some() {
-        pieces.push(Piece::Drop);
+        pieces.push(if stall {
+            Piece::Stall
+        } else {
+            Piece::Drop {
+                hard: hub.hard_cuts.load(Ordering::SeqCst),
+            }
+        });
     }
     let counter = Arc::clone(hub);
     let stream = futures_util::StreamExt::then(futures_util::stream::iter(pieces), move |piece| {
@@ -524,11 +558,17 @@ fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
                     tokio::time::sleep(pause).await;
                     bytes
                 }
-                Piece::Drop => {
-                    // Let the server hand what it sent to the socket first: a cut loses no counted byte
-                    // (bar a starved machine, which the tests' bounds allow for).
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Piece::Drop { hard } => {
+                    if !hard {
+                        // Let the server hand what it sent to the socket first: a cut loses no
+                        // counted byte (bar a starved machine, which the tests' bounds allow for).
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     return Err(std::io::Error::other("connection dropped"));
+                }
+                Piece::Stall => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return Err(std::io::Error::other("stalled"));
                 }
             };
             hub.served.fetch_add(bytes.len() as u64, Ordering::SeqCst);
@@ -956,6 +996,27 @@ async fn replaced_object_fails_if_range_and_the_file_starts_over() {
         "the old validator no longer matches: the whole file"
     );
     assert_eq!(hub.served(), size / 3 + size);
+}
+
+#[tokio::test]
+async fn range_refused_with_416_starts_the_file_over() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    let size = model_size();
+    hub.arm(&sha, Fault::DropMidBody);
+    hub.arm(&sha, Fault::Refuse416);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let statuses: Vec<(bool, u16)> = hub
+        .cdn_replies()
+        .iter()
+        .map(|r| (r.range.is_some(), r.status))
+        .collect();
+    assert_eq!(statuses, vec![(false, 200), (true, 416), (false, 200)]);
+    assert_eq!(hub.served(), size / 2 + size);
 }
 
 /// Runs one resolve that gives up, leaving a partial file of at most `at` bytes behind (as a worker
@@ -1802,4 +1863,113 @@ async fn cache_filled_by_another_tool_is_hashed_once_then_trusted() {
         markers.iter().all(|m| m.exists()),
         "markers written after hashing"
     );
+}
+
+/// xorshift64*: a seeded, dependency-free source of cut points.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/ROBUSTNESS.md Q10 (prints figures); run: cargo test --test hub_download -- --ignored --nocapture measure_"]
+async fn measure_resume_under_50_stalls_and_resets() {
+    use std::time::Instant;
+    const EVENTS: usize = 50;
+    const TRIALS: u64 = 6;
+    let hub = start_hub().await;
+    let size: usize = 100 * 1024 * 1024;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(13) % 253) as u8)
+        .collect();
+    let sha = sha256_hex(&data);
+    let mut files = BTreeMap::new();
+    files.insert("big.gguf".to_string(), mock_file(data, true));
+    hub.add_repo(
+        "org/flaky",
+        MockRepo {
+            files,
+            gated: false,
+        },
+    );
+    let req = request(
+        "org/flaky",
+        "main",
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    let size = size as u64;
+    let (mut served_total, mut corrupt, mut ranged, mut restart_cost) = (0u64, 0, 0, 0u64);
+    for trial in 0..TRIALS {
+        // Trials 0-2: every byte sent before a cut arrives; 3-5: cuts lose what was in flight.
+        let hard = trial >= TRIALS / 2;
+        hub.hard_cuts.store(hard, Ordering::SeqCst);
+        hub.reset_cdn_counts();
+        let mut rng = 0x9e37_79b9_7f4a_7c15 ^ (trial + 1);
+        let mut points: Vec<u64> = (0..EVENTS)
+            .map(|_| 1 + next_random(&mut rng) % (size - 1))
+            .collect();
+        points.sort_unstable();
+        points.dedup();
+        assert_eq!(points.len(), EVENTS);
+        // Every fifth event is a stall (the connection stays open, silent), the others resets.
+        for (i, &at) in points.iter().enumerate() {
+            hub.arm(
+                &sha,
+                if i % 5 == 4 {
+                    Fault::StallAt(at)
+                } else {
+                    Fault::CutAt {
+                        at,
+                        new_etag: false,
+                    }
+                },
+            );
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let mut opts = options(&hub, cache.path());
+        opts.stall_timeout = Duration::from_secs(1);
+        let started = Instant::now();
+        let resolved = resolve(&req, &opts).await.unwrap();
+        let elapsed = started.elapsed();
+        let WeightFiles::Gguf(path) = &resolved.weights else {
+            panic!("gguf")
+        };
+        let ok = sha256_hex(&std::fs::read(path).unwrap()) == sha;
+        corrupt += usize::from(!ok);
+        let replies = hub.cdn_replies();
+        let ranged_here = replies.iter().filter(|r| r.status == 206).count();
+        ranged += ranged_here;
+        let served = hub.served();
+        served_total += served;
+        // What the same events cost when every broken transfer starts again at byte 0.
+        restart_cost += points.iter().sum::<u64>() + size;
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = served as f64 / size as f64;
+        println!(
+            "trial {trial} ({} cuts): {} resets + {} stalls, {} GETs ({ranged_here} answered 206), served {served} bytes for a {size}-byte file = {ratio:.4}x, sha256 {}, {:.1} s",
+            if hard { "hard" } else { "graceful" },
+            EVENTS - EVENTS / 5,
+            EVENTS / 5,
+            replies.len(),
+            if ok { "ok" } else { "MISMATCH" },
+            elapsed.as_secs_f64()
+        );
+        assert!(ok);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let (ratio, restart_ratio) = (
+        served_total as f64 / (size * TRIALS) as f64,
+        restart_cost as f64 / (size * TRIALS) as f64,
+    );
+    println!(
+        "total: {} stalls/resets over {TRIALS} downloads of {} MiB: bytes served / file size = {ratio:.4}x ({ranged} ranged resumes); corrupt files {corrupt}; restarting from byte 0 instead would have cost {restart_ratio:.1}x",
+        EVENTS as u64 * TRIALS,
+        size >> 20
+    );
+    assert_eq!(corrupt, 0);
+    assert!(ratio < 1.25, "{ratio}");
 }

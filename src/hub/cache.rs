@@ -4,7 +4,9 @@
 //!
 //! On top of that layout wick keeps, per blob: a `{etag}.verified` marker (what was hashed, so a warm
 //! start does not hash again) and a `{etag}.wick.lock` lock file (one writer per blob across processes
-//! and hosts sharing a volume). Writes of small files go to a unique 0600 temp file, then `rename`.
+//! and hosts sharing a volume). Writes of small files go to a unique 0600 temp file, then `rename`;
+//! blobs are written through `{etag}.incomplete` (0600, never followed if it is a link), which a later
+//! attempt or a later process resumes ([`open_partial`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -644,6 +646,67 @@ mod tests {
             "a partial about to be resumed stays"
         );
         assert!(repo.blob(&old).exists());
+    }
+
+    #[test]
+    fn partial_is_resumed_only_when_it_is_our_own_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.incomplete");
+        let (mut file, len) = open_partial(&path, true).unwrap();
+        assert_eq!(len, 0);
+        file.write_all(b"12345").unwrap();
+        drop(file);
+        assert_eq!(open_partial(&path, true).unwrap().1, 5, "ours: resumed");
+        assert_eq!(
+            open_partial(&path, false).unwrap().1,
+            0,
+            "not resumable: emptied"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+
+        std::fs::write(&path, b"12345").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            open_partial(&path, true).unwrap().1,
+            0,
+            "readable by others: replaced"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // A link where the partial should be is removed, never followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep me").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert_eq!(open_partial(&path, true).unwrap().1, 0);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn snapshot_links_are_relative_and_nested_files_reach_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = RepoCache::new(dir.path(), "org/m");
+        let (commit, etag) = ("c".repeat(40), "a".repeat(64));
+        std::fs::create_dir_all(repo.blobs_dir()).unwrap();
+        std::fs::write(repo.blob(&etag), b"w").unwrap();
+        for file in ["model.safetensors", "sub/dir/model.gguf"] {
+            repo.link_snapshot(&commit, file, &etag).unwrap();
+            let target = std::fs::read_link(repo.snapshot(&commit, file)).unwrap();
+            assert!(target.is_relative(), "{target:?}");
+            assert_eq!(repo.snapshot_etag(&commit, file), Some(etag.clone()));
+            // Linking again replaces the link in place.
+            repo.link_snapshot(&commit, file, &etag).unwrap();
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(repo.snapshot(&commit, "x").parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
