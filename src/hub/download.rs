@@ -774,49 +774,33 @@ impl<'a> Fetcher<'a> {
             self.get_into(commit, planned, &mut file, offset, state)
                 .await
         };
-        let flushed = file.flush().await;
-        let end = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
-        let result = result.and_then(|len| {
-            flushed.map_err(|e| io("writing", e))?;
-            Ok(len)
-        });
+        // Whatever happened, what was written must reach the file (a full disk shows here too).
+        file.flush().await.map_err(|e| io("writing", e))?;
+        let end = file.metadata().await.map_err(|e| io("reading", e))?.len();
+        // A failed attempt that moved the file past its furthest point is resumed without counting.
+        let retry = |error: HubError, after: Option<Duration>| {
+            let progressed = resumable && end >= previous_high.saturating_add(MIN_PROGRESS);
+            state.with(|s| s.high_water = Some(previous_high.max(end)));
+            if progressed {
+                tracing::info!(
+                    file = name,
+                    kept = end,
+                    "transfer broke; the partial file is kept and resumed"
+                );
+                Attempt::Progressed(error)
+            } else {
+                Attempt::Retry { error, after }
+            }
+        };
         let len = match result {
             Ok(len) => len,
-            Err(Attempt::Retry { error, after }) if resumable => {
-                let high = state.with(|s| {
-                    let high = s.high_water.get_or_insert(end);
-                    *high = (*high).max(end);
-                    *high
-                });
-                return Err(
-                    if end >= previous_high.saturating_add(MIN_PROGRESS) && high == end {
-                        tracing::info!(
-                            file = name,
-                            kept = end,
-                            "transfer broke; the partial file is kept and resumed"
-                        );
-                        Attempt::Progressed(error)
-                    } else {
-                        Attempt::Retry { error, after }
-                    },
-                );
-            }
+            Err(Attempt::Retry { error, after }) => return Err(retry(error, after)),
             Err(other) => return Err(other),
         };
-        if let Some(size) = planned.expected.size {
-            if len < size {
-                // The body ended cleanly but short: resumed like a broken transfer.
-                let error =
-                    self.network(name, 0, format!("the body ended at byte {len} of {size}"));
-                return Err(
-                    if resumable && len >= previous_high.saturating_add(MIN_PROGRESS) {
-                        state.with(|s| s.high_water = Some(len));
-                        Attempt::Progressed(error)
-                    } else {
-                        Attempt::Retry { error, after: None }
-                    },
-                );
-            }
+        if let Some(size) = planned.expected.size.filter(|size| len < *size) {
+            // The body ended cleanly but short: resumed like a broken transfer.
+            let error = self.network(name, 0, format!("the body ended at byte {len} of {size}"));
+            return Err(retry(error, None));
         }
         file.sync_all().await.map_err(|e| io("syncing", e))?;
         drop(file);
