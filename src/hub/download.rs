@@ -1200,7 +1200,7 @@ impl<'a> Fetcher<'a> {
                 if header("x-xet-hash").is_some() {
                     tracing::debug!(
                         file,
-                        "stored in Xet; hf-hub fetches it through the Xet protocol"
+                        "stored in Xet; fetched over plain HTTP through the Hub's redirect, as Python does without hf_xet"
                     );
                 }
                 Ok(Some(HeadMeta { etag, size, commit }))
