@@ -1080,6 +1080,22 @@ async fn a_new_process_resumes_the_partial_file_a_previous_one_left() {
 }
 
 #[tokio::test]
+async fn disk_check_counts_only_the_bytes_a_resume_still_needs() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let size = model_size();
+    let (_, kept) = leave_a_partial(&hub, cache.path(), size / 2).await;
+    // Room for the rest of the weights, not for all of them (the small files are cached already).
+    let mut opts = options(&hub, cache.path());
+    let room = wick::hub::disk::required_with_margin(size - kept);
+    assert!(room < wick::hub::disk::required_with_margin(size));
+    opts.free_space = FreeSpace::Fixed(room);
+    let files = resolve(&llama("main"), &opts).await.unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(hub.served(), size - kept);
+}
+
+#[tokio::test]
 async fn corrupt_bytes_in_a_resumed_partial_are_caught_and_fetched_again() {
     let hub = start_hub().await;
     let cache = tempfile::tempdir().unwrap();

@@ -519,7 +519,7 @@ impl<'a> Fetcher<'a> {
         let downloading = download_bytes > 0 && !self.opts.offline;
         if downloading {
             let keep = |etag: &str| missing.iter().any(|p| p.etag == etag);
-            self.check_disk(download_bytes - resumable_bytes, &keep)?;
+            self.check_disk(download_bytes.saturating_sub(resumable_bytes), &keep)?;
             self.transfer.add_expected(download_bytes);
             tracing::info!(
                 model = %self.model.repo_id,
