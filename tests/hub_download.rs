@@ -935,8 +935,10 @@ async fn many_resets_still_cost_about_one_file_of_traffic() {
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 11);
     assert!(replies[1..].iter().all(|r| r.status == 206), "{replies:?}");
+    // A cut can lose only what the server had not yet written to the socket (hyper buffers at most
+    // ~400 KiB); with the mock's graceful cuts that is nothing unless the machine is starved.
     assert!(
-        hub.served() < size + size / 10,
+        hub.served() <= size + 10 * 512 * 1024,
         "{} bytes sent for a {size}-byte file",
         hub.served()
     );
@@ -1021,10 +1023,11 @@ async fn range_refused_with_416_starts_the_file_over() {
 
 /// Runs one resolve that gives up, leaving a partial file of at most `at` bytes behind (as a worker
 /// killed or out of retries would): the connection is cut at `at`, then again at `at` (no progress, so
-/// `max_attempts = 1` ends it). Returns the partial's path and length, and forgets the CDN's counts.
+/// `max_attempts = 1` ends it; spare cuts in case a starved machine lost bytes in flight). Returns the
+/// partial's path and length, and forgets the CDN's counts and unused faults.
 async fn leave_a_partial(hub: &Hub, cache: &Path, at: u64) -> (PathBuf, u64) {
     let sha = model_sha();
-    for _ in 0..2 {
+    for _ in 0..4 {
         hub.arm(
             &sha,
             Fault::CutAt {
@@ -1045,6 +1048,7 @@ async fn leave_a_partial(hub: &Hub, cache: &Path, at: u64) -> (PathBuf, u64) {
         meta.len()
     );
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    hub.faults.lock().unwrap().clear();
     hub.reset_cdn_counts();
     (partial, meta.len())
 }
