@@ -21,6 +21,7 @@ use wick::engine::{
 };
 use wick::hub::{ModelFiles, WeightFiles};
 use wick::models::cpu_matmul::{packed_kernels_apply, set_cpu_matmul, CpuMatmul};
+use wick::models::cpu_matmul_q8::packed_q8_applies;
 use wick::models::{load_with, GgufOptions};
 use wick::tokenizer::Tokenizer;
 
@@ -67,10 +68,7 @@ fn main() -> Result<()> {
             CpuMatmul::Auto,
         ),
     ] {
-        // BENCH_F32_ONLY=packed: the packed rows alone (for profiling).
-        if choice == CpuMatmul::Candle
-            && std::env::var("BENCH_F32_ONLY").is_ok_and(|v| v == "packed")
-        {
+        if !selected(label) {
             continue;
         }
         set_cpu_matmul(choice);
@@ -100,11 +98,7 @@ fn main() -> Result<()> {
     set_cpu_matmul(CpuMatmul::Auto);
 
     let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(GGUF_PATH);
-    // BENCH_F32_ONLY=1: only the f32 rows (a quick before/after of the dense kernels).
-    let f32_only = std::env::var_os("BENCH_F32_ONLY").is_some();
-    if f32_only {
-        println!("BENCH_F32_ONLY set: GGUF rows skipped");
-    } else if gguf.exists() {
+    if gguf.exists() {
         let files = ModelFiles {
             config: None,
             weights: WeightFiles::Gguf(gguf.clone()),
@@ -117,18 +111,41 @@ fn main() -> Result<()> {
             requantize: None,
             pad_rows: false,
         };
-        for (label, options, levels) in [
+        let packed_q8 = packed_q8_applies(&Device::Cpu);
+        for (label, choice, options, levels) in [
             (
-                "GGUF Q4_1 -> Q8_0 (rows padded) at load",
+                "GGUF Q4_1 -> Q8_0 at load, wick packed VNNI kernels",
+                CpuMatmul::Auto,
                 GgufOptions::for_device(&Device::Cpu),
                 &CONCURRENCY[..],
             ),
-            ("GGUF Q4_1 as stored", as_stored, &CONCURRENCY[..2]),
+            (
+                "GGUF Q4_1 -> Q8_0 (rows padded) at load, candle kernels",
+                CpuMatmul::Candle,
+                GgufOptions::for_device(&Device::Cpu),
+                &CONCURRENCY[..],
+            ),
+            (
+                "GGUF Q4_1 as stored",
+                CpuMatmul::Candle,
+                as_stored,
+                &CONCURRENCY[..2],
+            ),
         ] {
+            if !selected(label) {
+                continue;
+            }
+            if choice == CpuMatmul::Auto && !packed_q8 {
+                println!("{label}: skipped (this CPU has no AVX-512 VNNI)");
+                continue;
+            }
+            set_cpu_matmul(choice);
             let started = Instant::now();
             let model = load_with(&files, &Device::Cpu, DType::F32, &options)?;
             println!("{label}: loaded in {:.2?}", started.elapsed());
-            let bytes = gguf_weight_bytes(&gguf, &options)?;
+            let packed = choice == CpuMatmul::Auto;
+            set_cpu_matmul(CpuMatmul::Auto);
+            let bytes = gguf_weight_bytes(&gguf, &options, packed)?;
             let engine = start_engine(model, Arc::clone(&tokenizer), label)?;
             for &c in levels {
                 rows.push(run_level(
@@ -384,6 +401,11 @@ impl BandwidthProbe {
     }
 }
 
+/// `BENCH_ONLY=<text>` runs only the models whose label contains `<text>` (e.g. `packed`, `GGUF`).
+fn selected(label: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| label.contains(only.as_str()))
+}
+
 /// Concurrent read streams per thread in the bandwidth probe.
 const STREAMS: usize = 4;
 
@@ -480,7 +502,7 @@ fn word_level_tokenizer() -> Result<Tokenizer> {
 }
 
 /// Bytes of the GGUF's matrices as the model holds them (re-quantized and row-padded as `options` say).
-fn gguf_weight_bytes(path: &Path, options: &GgufOptions) -> Result<usize> {
+fn gguf_weight_bytes(path: &Path, options: &GgufOptions, packed_q8: bool) -> Result<usize> {
     const PAD: usize = 256;
     let mut file = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut file)?;
@@ -500,6 +522,11 @@ fn gguf_weight_bytes(path: &Path, options: &GgufOptions) -> Result<usize> {
             Some(target) if slow && row % target.block_size() == 0 => target,
             _ => info.ggml_dtype,
         };
+        if packed_q8 && dtype == GgmlDType::Q8_0 {
+            // wick's packed layout: 16 rows x 32 columns = 512 quant bytes + 16 f32 scales.
+            bytes += rows.div_ceil(16) * 16 * (row / 32) * (512 + 64) / 16;
+            continue;
+        }
         let repacked = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K);
         let row = if options.pad_rows && repacked {
             row.div_ceil(PAD) * PAD

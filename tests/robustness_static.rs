@@ -127,6 +127,7 @@ fn unsafe_code_stays_in_the_reviewed_places() {
         // AVX-512 kernels: pointers into the packed weights and into disjoint output columns
         // (bounds and disjointness tested in its unit tests, including ragged shapes and threads).
         "src/models/cpu_matmul.rs",
+        "src/models/cpu_matmul_q8.rs", // the same for the packed Q8_0 (VNNI) kernels
         // Calls its AVX-512 build of the attention loops after checking the CPU has AVX-512F.
         "src/models/cpu_attention.rs",
         "src/hub/disk.rs",  // statvfs

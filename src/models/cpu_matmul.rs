@@ -35,10 +35,11 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// matmul); for comparisons and as an escape hatch (`WICK_CPU_MATMUL=candle`).
 static PACKED_ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Which implementation dense f32 CPU projections use for models loaded from now on.
+/// Which implementation dense f32 and Q8_0 CPU projections use for models loaded from now on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuMatmul {
-    /// wick's packed AVX-512 kernels when the CPU has AVX-512F, candle's matmul otherwise.
+    /// wick's packed AVX-512 kernels when the CPU has AVX-512F (f32) / AVX-512 VNNI (Q8_0),
+    /// candle's matmul otherwise.
     Auto,
     /// Always candle's matmul.
     Candle,
@@ -55,6 +56,11 @@ pub fn packed_kernels_apply(device: &candle_core::Device, dtype: DType) -> bool 
         && dtype == DType::F32
         && PACKED_ENABLED.load(Ordering::Relaxed)
         && cpu_has_avx512f()
+}
+
+/// Whether the packed kernels (f32 and Q8_0) are enabled ([`set_cpu_matmul`]).
+pub(crate) fn packed_enabled() -> bool {
+    PACKED_ENABLED.load(Ordering::Relaxed)
 }
 
 fn cpu_has_avx512f() -> bool {
@@ -218,7 +224,7 @@ impl PackedMatrix {
 
 /// The output buffer shared by the tasks of one matmul (each writes its own columns).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint columns (see `matmul_into`) and the scope joins them before `c` is
 // used again.
 unsafe impl Send for OutPtr {}

@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -21,6 +22,7 @@ use crate::models::config::{
     check_limit, ModelError, RopeScaling, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS,
     MAX_POSITION_EMBEDDINGS,
 };
+use crate::models::cpu_matmul_q8::{packed_q8_applies, PackedQ8};
 use crate::models::layers::{AttnSpec, Embed, Proj, Rotary};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
@@ -124,11 +126,25 @@ impl Reader<'_> {
     }
 
     fn proj(&mut self, name: &str, bias: Option<&str>) -> Result<Proj, ModelError> {
-        let (qt, in_padding) = prepare_weight(self.qtensor(name)?, self.options, self.device)?;
+        // wick's packed Q8_0 kernels need no row padding (that is for candle's repacked kernels).
+        let packed_q8 = packed_q8_applies(self.device);
+        let options = GgufOptions {
+            pad_rows: self.options.pad_rows && !packed_q8,
+            ..self.options.clone()
+        };
+        let (qt, in_padding) = prepare_weight(self.qtensor(name)?, &options, self.device)?;
         let bias = match bias {
             Some(b) if self.has(b) => Some(self.dense(b)?),
             _ => None,
         };
+        if packed_q8 && in_padding == 0 {
+            if let Some(packed) = PackedQ8::pack(&qt)? {
+                return Ok(Proj::PackedQ8 {
+                    weight: Arc::new(packed),
+                    bias,
+                });
+            }
+        }
         Ok(Proj::Quantized {
             weight: QMatMul::from_qtensor(qt)?,
             bias,

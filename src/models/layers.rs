@@ -22,6 +22,7 @@ use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::cpu_attention;
 use crate::models::cpu_matmul::PackedMatrix;
+use crate::models::cpu_matmul_q8::PackedQ8;
 use crate::models::{ForwardBatch, SeqChunk};
 
 /// Loads the token embedding and the output projection of a Hugging Face checkpoint: `lm_head`, or the
@@ -101,6 +102,14 @@ pub(crate) enum Proj {
         /// Optional `(out,)` bias.
         bias: Option<Tensor>,
     },
+    /// Q8_0 weights packed for wick's AVX-512 VNNI CPU kernel (see
+    /// [`crate::models::cpu_matmul_q8`]); input and output f32.
+    PackedQ8 {
+        /// The packed `(out, in)` matrix.
+        weight: Arc<PackedQ8>,
+        /// Optional `(out,)` bias, f32.
+        bias: Option<Tensor>,
+    },
     /// Quantized weights; input and output f32.
     Quantized {
         /// The quantized `(out, in + in_padding)` matrix.
@@ -153,13 +162,8 @@ impl Proj {
                     linear.forward(xs)
                 }
             }
-            Self::Packed { weight, bias } => {
-                let ys = weight.matmul_t(xs)?;
-                match bias {
-                    Some(b) => ys.broadcast_add(b),
-                    None => Ok(ys),
-                }
-            }
+            Self::Packed { weight, bias } => with_bias(weight.matmul_t(xs)?, bias.as_ref()),
+            Self::PackedQ8 { weight, bias } => with_bias(weight.matmul_t(xs)?, bias.as_ref()),
             Self::Quantized {
                 weight,
                 bias,
@@ -176,6 +180,14 @@ impl Proj {
                 }
             }
         }
+    }
+}
+
+/// `ys + bias` (broadcast over rows) when there is a bias.
+fn with_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => ys.broadcast_add(b),
+        None => Ok(ys),
     }
 }
 

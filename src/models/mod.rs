@@ -76,6 +76,7 @@ pub trait CausalLm: Send {
 pub mod config;
 pub(crate) mod cpu_attention;
 pub mod cpu_matmul;
+pub mod cpu_matmul_q8;
 pub mod gemma2;
 pub mod gguf;
 pub(crate) mod layers;
