@@ -124,6 +124,23 @@ impl PackedMatrix {
         (self.rows, self.cols)
     }
 
+    /// The matrices stacked by rows (`[a; b; ...]`), so projections of the same input run as one
+    /// matmul. `None` unless all have the same `cols` and every part but the last fills whole panels.
+    pub(crate) fn stack(parts: &[&Self]) -> Option<Self> {
+        let (last, init) = parts.split_last()?;
+        if init.iter().any(|p| p.rows % LANES != 0) || parts.iter().any(|p| p.cols != last.cols) {
+            return None;
+        }
+        Some(Self {
+            panels: parts
+                .iter()
+                .flat_map(|p| p.panels.iter().copied())
+                .collect(),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: last.cols,
+        })
+    }
+
     /// `xs (m, cols) -> xs W^T (m, rows)`, f32 on CPU. `xs` may be any layout (made contiguous).
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
         xs.contiguous()?.apply_op1_no_bwd(&MatmulT { weight: self })

@@ -132,6 +132,23 @@ impl PackedQ8 {
         (self.rows, self.cols)
     }
 
+    /// The matrices stacked by rows, as [`crate::models::cpu_matmul::PackedMatrix::stack`].
+    pub(crate) fn stack(parts: &[&Self]) -> Option<Self> {
+        let (last, init) = parts.split_last()?;
+        if init.iter().any(|p| p.rows % LANES != 0) || parts.iter().any(|p| p.cols != last.cols) {
+            return None;
+        }
+        Some(Self {
+            quads: parts.iter().flat_map(|p| p.quads.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: last.cols,
+        })
+    }
+
     /// `xs (..., cols) -> xs W^T (..., rows)`, f32 on CPU.
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
         xs.contiguous()?

@@ -23,7 +23,7 @@ use crate::models::config::{
     MAX_POSITION_EMBEDDINGS,
 };
 use crate::models::cpu_matmul_q8::{packed_q8_applies, PackedQ8};
-use crate::models::layers::{AttnSpec, Embed, Proj, Rotary};
+use crate::models::layers::{AttnSpec, Embed, Proj, Rotary, Stacked};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
 
@@ -565,9 +565,11 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
         let k_bias = bias("attn_k");
         let v_bias = bias("attn_v");
         let self_attn = SelfAttn {
-            q_proj: r.proj(&format!("{p}.attn_q.weight"), q_bias.as_deref())?,
-            k_proj: r.proj(&format!("{p}.attn_k.weight"), k_bias.as_deref())?,
-            v_proj: r.proj(&format!("{p}.attn_v.weight"), v_bias.as_deref())?,
+            qkv: Stacked::new(vec![
+                r.proj(&format!("{p}.attn_q.weight"), q_bias.as_deref())?,
+                r.proj(&format!("{p}.attn_k.weight"), k_bias.as_deref())?,
+                r.proj(&format!("{p}.attn_v.weight"), v_bias.as_deref())?,
+            ])?,
             o_proj: r.proj(&format!("{p}.attn_output.weight"), None)?,
             spec: AttnSpec {
                 num_heads,
@@ -579,8 +581,10 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
             },
         };
         let mlp = Mlp {
-            gate_proj: r.proj(&format!("{p}.ffn_gate.weight"), None)?,
-            up_proj: r.proj(&format!("{p}.ffn_up.weight"), None)?,
+            gate_up: Stacked::new(vec![
+                r.proj(&format!("{p}.ffn_gate.weight"), None)?,
+                r.proj(&format!("{p}.ffn_up.weight"), None)?,
+            ])?,
             down_proj: r.proj(&format!("{p}.ffn_down.weight"), None)?,
             act: Activation::Silu,
         };

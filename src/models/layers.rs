@@ -183,6 +183,90 @@ impl Proj {
     }
 }
 
+/// Projections of the same input (q/k/v, gate/up): one matmul over the stacked weights when they are
+/// packed (fewer kernel calls and thread hand-offs per layer), else one per part.
+#[derive(Debug, Clone)]
+pub(crate) enum Stacked {
+    /// One projection whose output columns are the parts' outputs side by side.
+    Fused {
+        /// The stacked projection.
+        proj: Proj,
+        /// Output width of each part.
+        widths: Vec<usize>,
+    },
+    /// The parts as they are.
+    Separate(Vec<Proj>),
+}
+
+impl Stacked {
+    /// Stacks `parts` when all are packed the same way (f32 or Q8_0) with the same input width and
+    /// all or none have a bias.
+    pub(crate) fn new(parts: Vec<Proj>) -> Result<Self> {
+        let mut widths = Vec::with_capacity(parts.len());
+        let mut dense = Vec::new();
+        let mut q8 = Vec::new();
+        let mut biases = Vec::new();
+        for part in &parts {
+            match part {
+                Proj::Packed { weight, bias } => {
+                    widths.push(weight.dims().0);
+                    dense.push(weight.as_ref());
+                    biases.push(bias.clone());
+                }
+                Proj::PackedQ8 { weight, bias } => {
+                    widths.push(weight.dims().0);
+                    q8.push(weight.as_ref());
+                    biases.push(bias.clone());
+                }
+                Proj::Dense(_) | Proj::Quantized { .. } => return Ok(Self::Separate(parts)),
+            }
+        }
+        let bias = if biases.iter().all(Option::is_none) {
+            None
+        } else if let Some(all) = biases.into_iter().collect::<Option<Vec<Tensor>>>() {
+            Some(Tensor::cat(&all, 0)?)
+        } else {
+            return Ok(Self::Separate(parts));
+        };
+        let proj = if dense.len() == parts.len() {
+            PackedMatrix::stack(&dense).map(|weight| Proj::Packed {
+                weight: Arc::new(weight),
+                bias,
+            })
+        } else if q8.len() == parts.len() {
+            PackedQ8::stack(&q8).map(|weight| Proj::PackedQ8 {
+                weight: Arc::new(weight),
+                bias,
+            })
+        } else {
+            None
+        };
+        Ok(match proj {
+            Some(proj) => Self::Fused { proj, widths },
+            None => Self::Separate(parts),
+        })
+    }
+
+    /// `(tokens, in)` -> each part's `(tokens, out_i)` (column views of one output when fused).
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused { proj, widths } => {
+                let ys = proj.forward(xs)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = ys.narrow(D::Minus1, start, w);
+                        start += w;
+                        part
+                    })
+                    .collect()
+            }
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
+        }
+    }
+}
+
 /// `ys + bias` (broadcast over rows) when there is a bias.
 fn with_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
@@ -754,6 +838,57 @@ pub(crate) fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn packed_proj(rows: usize, cols: usize, seed: f64, bias: bool) -> Option<Proj> {
+        let dev = &Device::Cpu;
+        let w = Tensor::arange(0f32, (rows * cols) as f32, dev)
+            .unwrap()
+            .affine(1e-3, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let weight = Arc::new(PackedMatrix::pack(&w).unwrap()?);
+        let bias = bias.then(|| Tensor::ones(rows, DType::F32, dev).unwrap());
+        Some(Proj::Packed { weight, bias })
+    }
+
+    #[test]
+    fn stacked_projections_give_exactly_the_separate_outputs() {
+        let Some(q) = packed_proj(32, 24, 0.1, true) else {
+            eprintln!("skipped: no AVX-512F, nothing is packed here");
+            return;
+        };
+        let k = packed_proj(16, 24, 0.2, true).unwrap();
+        let v = packed_proj(5, 24, 0.3, true).unwrap();
+        let xs = Tensor::arange(0f32, 72.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 24))
+            .unwrap()
+            .cos()
+            .unwrap();
+        let separate: Vec<Vec<Vec<f32>>> = [&q, &k, &v]
+            .iter()
+            .map(|p| p.forward(&xs).unwrap().to_vec2().unwrap())
+            .collect();
+        let stacked = Stacked::new(vec![q.clone(), k.clone(), v.clone()]).unwrap();
+        assert!(matches!(stacked, Stacked::Fused { .. }));
+        let fused: Vec<Vec<Vec<f32>>> = stacked
+            .forward(&xs)
+            .unwrap()
+            .iter()
+            .map(|t| t.to_vec2().unwrap())
+            .collect();
+        assert_eq!(fused, separate);
+
+        // A part that does not fill whole panels can only come last; mixed biases stay separate.
+        let odd_first = Stacked::new(vec![v.clone(), q.clone()]).unwrap();
+        assert!(matches!(odd_first, Stacked::Separate(_)));
+        let no_bias = packed_proj(16, 24, 0.4, false).unwrap();
+        let mixed = Stacked::new(vec![q, no_bias]).unwrap();
+        assert!(matches!(mixed, Stacked::Separate(_)));
+    }
 
     #[test]
     fn mask_rows_are_causal_and_windowed() {

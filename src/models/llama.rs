@@ -16,16 +16,15 @@ use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
     attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Embed, Proj, Rotary,
-    RotaryForPass,
+    RotaryForPass, Stacked,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
 /// Self-attention of one layer: `model.layers.N.self_attn.*`.
 #[derive(Debug, Clone)]
 pub(crate) struct SelfAttn {
-    pub(crate) q_proj: Proj,
-    pub(crate) k_proj: Proj,
-    pub(crate) v_proj: Proj,
+    /// `q_proj`, `k_proj`, `v_proj`.
+    pub(crate) qkv: Stacked,
     pub(crate) o_proj: Proj,
     pub(crate) spec: AttnSpec,
 }
@@ -38,9 +37,11 @@ impl SelfAttn {
             cfg.head_dim,
         );
         Ok(Self {
-            q_proj: Proj::dense(cfg.hidden_size, h * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: Proj::dense(cfg.hidden_size, kv * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: Proj::dense(cfg.hidden_size, kv * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            qkv: Stacked::new(vec![
+                Proj::dense(cfg.hidden_size, h * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
+                Proj::dense(cfg.hidden_size, kv * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
+                Proj::dense(cfg.hidden_size, kv * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            ])?,
             o_proj: Proj::dense(h * hd, cfg.hidden_size, cfg.o_bias, vb.pp("o_proj"))?,
             spec: AttnSpec {
                 num_heads: h,
@@ -65,18 +66,14 @@ impl SelfAttn {
     ) -> Result<Tensor> {
         let tokens = plan.total_tokens;
         let s = &self.spec;
-        let q = self
-            .q_proj
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
             .forward(xs)?
-            .reshape((tokens, s.num_heads, s.head_dim))?;
-        let k = self
-            .k_proj
-            .forward(xs)?
-            .reshape((tokens, s.num_kv_heads, s.head_dim))?;
-        let v = self
-            .v_proj
-            .forward(xs)?
-            .reshape((tokens, s.num_kv_heads, s.head_dim))?;
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v projection gave no 3 parts".into()))?;
+        let q = q.reshape((tokens, s.num_heads, s.head_dim))?;
+        let k = k.reshape((tokens, s.num_kv_heads, s.head_dim))?;
+        let v = v.reshape((tokens, s.num_kv_heads, s.head_dim))?;
         let q = rotary.apply(&q, rot)?;
         let k = rotary.apply(&k, rot)?;
         let y = attend(plan, layer, &q, &k, &v, s, cache)?;
@@ -87,8 +84,8 @@ impl SelfAttn {
 /// Gated MLP: `down(act(gate(x)) * up(x))`, `model.layers.N.mlp.*`.
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
-    pub(crate) gate_proj: Proj,
-    pub(crate) up_proj: Proj,
+    /// `gate_proj`, `up_proj`.
+    pub(crate) gate_up: Stacked,
     pub(crate) down_proj: Proj,
     pub(crate) act: Activation,
 }
@@ -97,8 +94,10 @@ impl Mlp {
     pub(crate) fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Proj::dense(h, i, cfg.mlp_bias, vb.pp("gate_proj"))?,
-            up_proj: Proj::dense(h, i, cfg.mlp_bias, vb.pp("up_proj"))?,
+            gate_up: Stacked::new(vec![
+                Proj::dense(h, i, cfg.mlp_bias, vb.pp("gate_proj"))?,
+                Proj::dense(h, i, cfg.mlp_bias, vb.pp("up_proj"))?,
+            ])?,
             down_proj: Proj::dense(i, h, cfg.mlp_bias, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
         })
@@ -106,8 +105,11 @@ impl Mlp {
 
     /// `(tokens, hidden)` -> `(tokens, hidden)`.
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let [gate, up]: [Tensor; 2] =
+            self.gate_up.forward(xs)?.try_into().map_err(|_| {
+                candle_core::Error::Msg("gate/up projection gave no 2 parts".into())
+            })?;
+        self.down_proj.forward(&(self.act.forward(&gate)? * up)?)
     }
 }
 
