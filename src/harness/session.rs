@@ -104,6 +104,14 @@ impl WorkerProcess {
         }
     }
 
+    /// Sends SIGKILL (the process gets no chance to clean up: an OOM kill or a node eviction).
+    ///
+    /// # Errors
+    /// When the process is gone or the signal cannot be sent.
+    pub fn sigkill(&mut self) -> std::io::Result<()> {
+        self.child.start_kill()
+    }
+
     /// Waits for the process to exit; kills it after `timeout`. `None` when it had to be killed.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         match tokio::time::timeout(timeout, self.child.wait()).await {

@@ -541,7 +541,7 @@ fn resolve(
         ))
     } else if orphan.entry.runs > journal::MAX_RUNS {
         Resolution::Report(format!(
-            "{killed} {} times; the job was not run again (it may be what stops the worker)",
+            "the worker was killed during this job {} times and restarted; the job was not run again (it may be what stops the worker)",
             orphan.entry.runs - 1
         ))
     } else if age > limit {
