@@ -35,7 +35,7 @@ pub struct WorkerLaunch {
     pub args: Vec<String>,
     /// Extra environment (e.g. `MODEL_NAME`).
     pub env: Vec<(String, String)>,
-    /// Where the worker's stderr goes (inherited when `None`).
+    /// Where the worker's stderr goes, appended (inherited when `None`).
     pub log: Option<PathBuf>,
     /// `RUNPOD_PING_INTERVAL` in ms.
     pub ping_interval_ms: u64,
@@ -73,7 +73,13 @@ impl WorkerProcess {
             .kill_on_drop(true);
         match &launch.log {
             Some(path) => {
-                command.stderr(std::fs::File::create(path)?);
+                // Appended: a kill run starts many workers on one log.
+                command.stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)?,
+                );
             }
             None => {
                 command.stderr(Stdio::inherit());
