@@ -431,8 +431,8 @@ fn print_kill(report: &KillReport) {
     let a = &report.after_kill;
     let failed: Vec<String> = a.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "kills: {} trials, {} with jobs in progress; restart to first poll p50 {} ms, max {} ms",
-        report.trials, report.kills_mid_generation, report.restart_p50_ms, report.restart_max_ms
+        "kills: {} trials, {} with jobs in progress; a killed worker's jobs resolved after a restart in p50 {} ms, max {} ms",
+        report.trials, report.kills_mid_generation, report.resolved_p50_ms, report.resolved_max_ms
     );
     println!(
         "jobs in progress at a kill: {}: completed after a restart {}, failed {} ({}), lost {}",
