@@ -36,7 +36,7 @@ pub struct KillOptions {
     /// Job inputs, used in turn.
     pub inputs: Vec<Value>,
     /// The kill comes at a uniformly random moment up to this long after the trial's generation
-    /// started (its first stream chunk, or all its jobs taken when none streams).
+    /// started (all its jobs taken and, when one streams, its first chunk arrived).
     pub kill_within: Duration,
     /// How long a started worker may take to take the trial's jobs.
     pub startup_timeout: Duration,
@@ -134,7 +134,8 @@ pub async fn run_kill(options: &KillOptions) -> Result<KillReport, HarnessError>
                 .iter()
                 .any(|id| platform.job(id).is_some_and(|j| !j.status.is_terminal()));
             if trial % 5 != 4 && pending {
-                let deadline = Instant::now() + options.finish_timeout;
+                // A job still unresolved by then is lost (counted at the end).
+                let deadline = Instant::now() + options.finish_timeout.min(Duration::from_secs(20));
                 while killed_in_flight
                     .iter()
                     .any(|id| platform.job(id).is_some_and(|j| !j.status.is_terminal()))
@@ -166,12 +167,13 @@ pub async fn run_kill(options: &KillOptions) -> Result<KillReport, HarnessError>
                     .iter()
                     .filter_map(|(id, s)| platform.job(id).map(|j| (j, *s)))
                     .collect();
-                let generating = if any_stream {
-                    jobs.iter().any(|(j, s)| *s && !j.stream.is_empty())
-                        || jobs.iter().all(|(j, _)| j.status.is_terminal())
-                } else {
-                    jobs.iter().all(|(j, _)| j.status != JobStatus::InQueue)
-                };
+                // Generation has started once every job of the trial was taken and, when one
+                // streams, its first chunk arrived (or everything already ended).
+                let taken = jobs.iter().all(|(j, _)| j.status != JobStatus::InQueue);
+                let generating = taken
+                    && (!any_stream
+                        || jobs.iter().any(|(j, s)| *s && !j.stream.is_empty())
+                        || jobs.iter().all(|(j, _)| j.status.is_terminal()));
                 if generating {
                     break;
                 }

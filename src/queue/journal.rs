@@ -9,7 +9,8 @@
 //!
 //! Layout, in the spool directory (0700): one entry per job, `<sha256(job id) hex>.taken`, holding
 //! `{"version":1,"job_id":..,"endpoint":..,"input":..,"taken_at_ms":..,"runs":..,"owner":..}`
-//! (0600, written under a unique temp name, fsync'd, renamed into place, directory fsync'd); an
+//! (0600, written under a unique temp name and renamed into place, so a killed writer never leaves
+//! a half entry; not fsync'd: the journal is for the death of the process, see [`Journal::record`]); an
 //! empty `<sha256(job id) hex>.streamed` marker, created before the job's first stream post; and
 //! one `.owner-<token>.lock` per live worker process, `flock`ed for the process's life. An entry
 //! whose owner's lock can be taken belongs to a dead process: taking that lock is what makes one
@@ -38,9 +39,7 @@ use tracing::warn;
 
 use super::backoff::Jitter;
 use super::log_limit::log_safe;
-use super::spool::{
-    file_name, hex, io_error, prepare_private_dir, remove_path, sync_dir, SpoolError,
-};
+use super::spool::{file_name, hex, io_error, prepare_private_dir, remove_path, SpoolError};
 use crate::hub::cache::{FileLock, LockError};
 
 /// Default most entries the journal holds (jobs in flight, plus entries of dead workers).
@@ -320,8 +319,8 @@ impl Journal {
         Ok((entries.len(), bytes))
     }
 
-    /// Writes (or replaces) an entry durably: unique temp file (0600), fsync, rename, fsync of the
-    /// directory.
+    /// Writes (or replaces) an entry atomically: unique temp file (0600), then rename (no fsync:
+    /// durable against the death of the process, not against a power loss).
     ///
     /// # Errors
     /// [`JournalError::Full`] / [`JournalError::TooLarge`] past the bounds (nothing written),
@@ -358,14 +357,18 @@ impl Journal {
             self.temp_counter.fetch_add(1, Ordering::Relaxed),
             file_name(&target)
         ));
+        // No fsync: the journal guards against the death of the process (SIGKILL, the OOM
+        // killer), which the page cache survives; an fsync would cost every job start several
+        // milliseconds, and widen the moment in which a kill loses a job just taken. After a
+        // power loss a half-written entry reads as corrupt and is deleted (the container disk
+        // seldom survives that anyway; the platform's timeout and `/retry` cover it).
         let written = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&temp)?;
-            file.write_all(&text)?;
-            file.sync_all()
+            file.write_all(&text)
         })();
         if let Err(source) = written {
             if let Err(error) = remove_path(&temp) {
@@ -379,7 +382,6 @@ impl Journal {
             .into());
         }
         fs::rename(&temp, &target).map_err(io_error("rename", &target))?;
-        sync_dir(&self.dir)?;
         Ok(target)
     }
 
@@ -398,7 +400,6 @@ impl Journal {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_error("create", &path))?;
-        sync_dir(&self.dir)?;
         Ok(())
     }
 
@@ -444,16 +445,23 @@ impl Journal {
         struct Version {
             version: u32,
         }
-        let version: Version =
-            serde_json::from_slice(&text).map_err(|e| corrupt(format!("not an entry: {e}")))?;
+        // serde's message may quote a value from the file (job input): only its class and place.
+        let not_an_entry = |e: serde_json::Error| {
+            corrupt(format!(
+                "not an entry ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        };
+        let version: Version = serde_json::from_slice(&text).map_err(not_an_entry)?;
         if version.version != FORMAT_VERSION {
             return Err(JournalError::UnknownVersion {
                 path: path.to_owned(),
                 version: version.version,
             });
         }
-        let file: EntryFile =
-            serde_json::from_slice(&text).map_err(|e| corrupt(format!("not an entry: {e}")))?;
+        let file: EntryFile = serde_json::from_slice(&text).map_err(not_an_entry)?;
         if self.path_for(&file.entry.job_id) != path {
             return Err(corrupt("file name does not match its job id".into()));
         }
