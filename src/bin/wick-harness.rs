@@ -446,6 +446,9 @@ fn print_kill(report: &KillReport) {
         },
         a.lost
     );
+    for (message, count) in &a.failed_messages {
+        println!("  {count} failed with: {message}");
+    }
     print_jobs(&report.jobs, report.platform.conflicting_results);
     println!(
         "platform: {} repeated result posts; last worker exit: {}; {:.1} s",

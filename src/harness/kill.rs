@@ -56,6 +56,8 @@ pub struct AfterKill {
     pub completed: usize,
     /// Of those, reported failed, by `error_type`.
     pub failed: BTreeMap<String, usize>,
+    /// Of those, reported failed, by error message (digits shown as `N`).
+    pub failed_messages: BTreeMap<String, usize>,
     /// Of those, never given a final result (must be 0).
     pub lost: usize,
 }
@@ -253,6 +255,25 @@ pub async fn run_kill(options: &KillOptions) -> Result<KillReport, HarnessError>
                     .and_then(cases::error_type_of)
                     .unwrap_or_else(|| "unknown".into());
                 *after_kill.failed.entry(reason).or_default() += 1;
+                let message = job
+                    .error
+                    .as_deref()
+                    .and_then(|e| serde_json::from_str::<Value>(e).ok())
+                    .and_then(|e| {
+                        e.get("error_message")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                let message: String = message
+                    .chars()
+                    .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+                    .collect();
+                let message = message
+                    .replace("NN", "N")
+                    .replace("NN", "N")
+                    .replace("NN", "N");
+                *after_kill.failed_messages.entry(message).or_default() += 1;
             }
             Some(job) if job.status == JobStatus::Cancelled => {}
             _ => after_kill.lost += 1,
