@@ -20,6 +20,7 @@ use wick::engine::{
     spawn, EngineConfig, EngineHandle, GenerateRequest, SamplingParams, SeqEvent, SeqSummary,
 };
 use wick::hub::{ModelFiles, WeightFiles};
+use wick::models::cpu_matmul::{packed_kernels_apply, set_cpu_matmul, CpuMatmul};
 use wick::models::{load_with, GgufOptions};
 use wick::tokenizer::Tokenizer;
 
@@ -52,29 +53,58 @@ fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let (files, weight_bytes) = write_random_llama(dir.path())?;
-    let model = wick::models::load(&files, &Device::Cpu, DType::F32)?;
     let kv_bytes_per_token = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4;
     let mut rows = Vec::new();
-    let engine = start_engine(
-        model,
-        Arc::new(word_level_tokenizer()?),
-        "f32-random-smollm2-shape",
-    )?;
-    for c in CONCURRENCY {
-        rows.push(run_level(
-            &rt,
-            &engine,
-            "f32 safetensors (random, 135M)",
-            c,
-            weight_bytes,
-            kv_bytes_per_token,
-            &probe,
-        )?);
+    // The same f32 checkpoint through candle's matmul (`gemm`) and through wick's packed AVX-512
+    // kernels (what `WICK_CPU_MATMUL=auto`, the default, uses where the CPU has AVX-512F).
+    for (label, choice) in [
+        (
+            "f32 safetensors (random, 135M), candle matmul",
+            CpuMatmul::Candle,
+        ),
+        (
+            "f32 safetensors (random, 135M), wick packed kernels",
+            CpuMatmul::Auto,
+        ),
+    ] {
+        // BENCH_F32_ONLY=packed: the packed rows alone (for profiling).
+        if choice == CpuMatmul::Candle
+            && std::env::var("BENCH_F32_ONLY").is_ok_and(|v| v == "packed")
+        {
+            continue;
+        }
+        set_cpu_matmul(choice);
+        if choice == CpuMatmul::Auto && !packed_kernels_apply(&Device::Cpu, DType::F32) {
+            println!("{label}: skipped (this CPU has no AVX-512F)");
+            continue;
+        }
+        let model = wick::models::load(&files, &Device::Cpu, DType::F32)?;
+        let engine = start_engine(
+            model,
+            Arc::new(word_level_tokenizer()?),
+            "f32-random-smollm2-shape",
+        )?;
+        for c in CONCURRENCY {
+            rows.push(run_level(
+                &rt,
+                &engine,
+                label,
+                c,
+                weight_bytes,
+                kv_bytes_per_token,
+                &probe,
+            )?);
+        }
+        drop(engine);
     }
-    drop(engine);
+    set_cpu_matmul(CpuMatmul::Auto);
 
     let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(GGUF_PATH);
-    if gguf.exists() {
+    // BENCH_F32_ONLY=1: only the f32 rows (a quick before/after of the dense kernels).
+    let f32_only = std::env::var_os("BENCH_F32_ONLY").is_some();
+    if f32_only {
+        println!("BENCH_F32_ONLY set: GGUF rows skipped");
+    } else if gguf.exists() {
         let files = ModelFiles {
             config: None,
             weights: WeightFiles::Gguf(gguf.clone()),
@@ -317,14 +347,23 @@ impl BandwidthProbe {
                     .chunks(chunk)
                     .map(|part| {
                         s.spawn(move || {
-                            // Eight independent lanes so the sum is not latency-bound.
-                            let mut lanes = [0u64; 8];
-                            for block in part.chunks_exact(8) {
-                                for (lane, v) in lanes.iter_mut().zip(block) {
-                                    *lane = lane.wrapping_add(*v);
+                            // Four streams read in lockstep (hardware prefetchers track several;
+                            // the packed kernels read two weight panels at a time), eight
+                            // independent lanes each so the sum is not latency-bound.
+                            let quarter = part.len() / STREAMS / 8 * 8;
+                            let streams: Vec<&[u64]> = (0..STREAMS)
+                                .map(|i| &part[i * quarter..(i + 1) * quarter])
+                                .collect();
+                            let mut lanes = [[0u64; 8]; STREAMS];
+                            for block in 0..quarter / 8 {
+                                for (stream_lanes, stream) in lanes.iter_mut().zip(&streams) {
+                                    let values = &stream[block * 8..block * 8 + 8];
+                                    for (lane, v) in stream_lanes.iter_mut().zip(values) {
+                                        *lane = lane.wrapping_add(*v);
+                                    }
                                 }
                             }
-                            lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                            lanes.iter().flatten().fold(0u64, |a, b| a.wrapping_add(*b))
                         })
                     })
                     .collect();
@@ -336,9 +375,17 @@ impl BandwidthProbe {
             std::hint::black_box(total);
             best = best.min(started.elapsed().as_secs_f64());
         }
-        (self.buffer.len() * 8) as f64 / best
+        let read = self
+            .buffer
+            .chunks(chunk)
+            .map(|part| part.len() / STREAMS / 8 * 8 * STREAMS)
+            .sum::<usize>();
+        (read * 8) as f64 / best
     }
 }
+
+/// Concurrent read streams per thread in the bandwidth probe.
+const STREAMS: usize = 4;
 
 /// Writes a SmolLM2-135M-shaped llama (tied embeddings) with random N(0, 0.02) f32 weights.
 /// Returns the files and the bytes a decode step reads from the weights (every matrix once; the

@@ -151,6 +151,10 @@ pub struct Config {
     /// queue worker stops taking jobs, fails the in-flight ones and exits non-zero).
     #[arg(long, env = "ENGINE_STEP_TIMEOUT_SECS", default_value_t = 120)]
     pub engine_step_timeout_secs: u64,
+    /// Dense f32 matmuls on CPU: `auto` uses wick's packed AVX-512 kernels where the CPU has
+    /// AVX-512F (candle's matmul otherwise); `candle` always uses candle's.
+    #[arg(long, env = "WICK_CPU_MATMUL", default_value = "auto")]
+    pub cpu_matmul: String,
     /// Run one job locally: a JSON string or a path to a JSON file; prints the result and exits.
     #[arg(long)]
     pub test_input: Option<String>,
@@ -316,6 +320,12 @@ impl Config {
                 "`*` is not allowed; list origins explicitly".into(),
             );
         }
+        if !matches!(self.cpu_matmul.as_str(), "auto" | "candle") {
+            return invalid(
+                "--cpu-matmul/WICK_CPU_MATMUL",
+                format!("`{}` is not one of auto, candle", self.cpu_matmul),
+            );
+        }
         if self.engine_step_timeout_secs == 0 {
             return invalid(
                 "--engine-step-timeout-secs/ENGINE_STEP_TIMEOUT_SECS",
@@ -357,6 +367,23 @@ mod tests {
         };
         assert!(
             matches!(cfg.validate(), Err(ConfigError::Invalid { flag, .. }) if flag.contains("cors"))
+        );
+    }
+
+    #[test]
+    fn cpu_matmul_is_auto_or_candle() {
+        assert_eq!(Config::for_test().cpu_matmul, "auto");
+        let candle = Config {
+            cpu_matmul: "candle".into(),
+            ..Config::for_test()
+        };
+        candle.validate().unwrap();
+        let typo = Config {
+            cpu_matmul: "mkl".into(),
+            ..Config::for_test()
+        };
+        assert!(
+            matches!(typo.validate(), Err(ConfigError::Invalid { flag, .. }) if flag.contains("cpu-matmul"))
         );
     }
 

@@ -5,12 +5,17 @@
 //! LFS files answer 302 to a CDN route with X-Linked-Etag = sha256 and X-Linked-Size), 304 on a
 //! matching If-None-Match, `/api/models/{repo}/revision/{rev}`, `/api/models/{repo}/tree/{rev}`,
 //! 404 with X-Error-Code (+ X-Repo-Commit for a missing file), 401 for a gated repo without the
-//! token, and never an X-Xet-Hash header. Every request is recorded; faults (a connection dropped
-//! mid-body, corrupted bytes, a paused body) fire once where a test arms them.
+//! token, and never an X-Xet-Hash header. The CDN route honours `Range: bytes=N-` (206 +
+//! Content-Range, 416 past the end) and `If-Range` (a validator other than its current ETag gets the
+//! whole file), unless told to ignore ranges; it may live on a second server (another port), and it
+//! counts every body byte it sends. Every request is recorded; faults (a connection dropped mid-body or
+//! at a given file offset, corrupted bytes, a paused body) fire in the order a test arms them, one per
+//! CDN response.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +56,13 @@ enum Fault {
     Corrupt,
     /// Send half the body, wait, then the rest.
     Pause(Duration),
+    /// Drop the connection once the file's byte `at` is reached (nothing sent when the response
+    /// starts past it); `new_etag`: the CDN's ETag changes right after (the object was replaced).
+    CutAt { at: u64, new_etag: bool },
+    /// Send up to the file's byte `at`, then nothing more (the connection stays open).
+    StallAt(u64),
+    /// Answer a ranged request 416 Range Not Satisfiable (as a CDN that lost the object's length might).
+    Refuse416,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,12 +71,55 @@ struct Request {
     path: String,
 }
 
+/// A request with the headers resumption and credentials are about, and which server got it.
+#[derive(Debug, Clone)]
+struct Seen {
+    server: &'static str,
+    path: String,
+    authorization: Option<String>,
+}
+
+/// One CDN GET: what it asked for and what it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CdnReply {
+    range: Option<String>,
+    if_range: Option<String>,
+    status: u16,
+    etag: String,
+}
+
+impl CdnReply {
+    /// N of the `Range: bytes=N-` asked for.
+    fn range_start(&self) -> Option<u64> {
+        let range = self.range.as_deref()?;
+        Some(
+            range
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse()
+                .unwrap(),
+        )
+    }
+}
+
 #[derive(Default)]
 struct Hub {
     base: String,
+    /// Where LFS files are redirected (`base` unless a second server was started).
+    cdn_base: Mutex<String>,
     repos: Mutex<HashMap<String, MockRepo>>,
-    faults: Mutex<HashMap<String, Fault>>,
+    faults: Mutex<HashMap<String, VecDeque<Fault>>>,
     log: Mutex<Vec<Request>>,
+    seen: Mutex<Vec<Seen>>,
+    cdn_log: Mutex<Vec<CdnReply>>,
+    /// Body bytes the CDN route has handed to the connection.
+    served: AtomicU64,
+    /// Per sha: how often the CDN object was replaced (its ETag changes each time).
+    generation: Mutex<HashMap<String, u32>>,
+    ignore_range: AtomicBool,
+    /// Cuts drop the connection at once, losing what the server had not yet written to the socket
+    /// (otherwise a cut waits briefly so every byte sent arrives).
+    hard_cuts: AtomicBool,
 }
 
 impl Hub {
@@ -72,7 +127,23 @@ impl Hub {
         self.repos.lock().unwrap().insert(id.to_string(), repo);
     }
     fn arm(&self, sha: &str, fault: Fault) {
-        self.faults.lock().unwrap().insert(sha.to_string(), fault);
+        self.faults
+            .lock()
+            .unwrap()
+            .entry(sha.to_string())
+            .or_default()
+            .push_back(fault);
+    }
+    fn cdn_replies(&self) -> Vec<CdnReply> {
+        self.cdn_log.lock().unwrap().clone()
+    }
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+    /// Forgets the CDN's log and byte count.
+    fn reset_cdn_counts(&self) {
+        self.cdn_log.lock().unwrap().clear();
+        self.served.store(0, Ordering::SeqCst);
     }
     fn requests(&self) -> Vec<Request> {
         self.log.lock().unwrap().clone()
@@ -141,18 +212,41 @@ fn tiny_llama_repo() -> MockRepo {
     }
 }
 
+/// Which server a request reached, and the shared state.
+#[derive(Clone)]
+struct App {
+    hub: Arc<Hub>,
+    server: &'static str,
+}
+
+fn serve(listener: tokio::net::TcpListener, hub: &Arc<Hub>, server: &'static str) {
+    let app = axum::Router::new().fallback(handle).with_state(App {
+        hub: Arc::clone(hub),
+        server,
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
 async fn start_hub() -> Arc<Hub> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
     let hub = Arc::new(Hub {
-        base: format!("http://{}", listener.local_addr().unwrap()),
+        cdn_base: Mutex::new(base.clone()),
+        base,
         ..Hub::default()
     });
     hub.add_repo("org/tiny-llama", tiny_llama_repo());
-    let app = axum::Router::new()
-        .fallback(handle)
-        .with_state(Arc::clone(&hub));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    serve(listener, &hub, "hub");
     hub
+}
+
+/// A second server on another port of the same host, which the hub's LFS redirects now point at.
+async fn start_cdn(hub: &Arc<Hub>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    *hub.cdn_base.lock().unwrap() = base.clone();
+    serve(listener, hub, "cdn");
+    base
 }
 
 fn respond(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
@@ -164,7 +258,7 @@ fn respond(status: StatusCode, headers: &[(&str, String)], body: Body) -> Respon
 }
 
 async fn handle(
-    State(hub): State<Arc<Hub>>,
+    State(App { hub, server }): State<App>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -179,8 +273,13 @@ async fn handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    hub.seen.lock().unwrap().push(Seen {
+        server,
+        path: path.clone(),
+        authorization: auth.clone(),
+    });
     match parts.as_slice() {
-        ["cdn", sha] => cdn(&hub, sha),
+        ["cdn", sha] => cdn(&hub, sha, &headers),
         ["api", "models", org, name, "revision", rev] => {
             api_revision(&hub, &format!("{org}/{name}"), rev, auth.as_deref())
         }
@@ -272,7 +371,10 @@ fn resolve_route(
             ),
             ("x-linked-etag", format!("\"{}\"", f.etag)),
             ("x-linked-size", f.bytes.len().to_string()),
-            ("location", format!("{}/cdn/{}", hub.base, f.etag)),
+            (
+                "location",
+                format!("{}/cdn/{}", hub.cdn_base.lock().unwrap(), f.etag),
+            ),
         ]);
         return respond(StatusCode::FOUND, &headers, Body::empty());
     }
@@ -286,7 +388,15 @@ fn resolve_route(
     respond(StatusCode::OK, &headers, body)
 }
 
-fn cdn(hub: &Hub, sha: &str) -> Response {
+/// A piece of a CDN body: bytes, bytes after a pause, or a dropped connection.
+enum Piece {
+    Data(Bytes),
+    After(Duration, Bytes),
+    Drop { hard: bool },
+    Stall,
+}
+
+fn cdn(hub: &Arc<Hub>, sha: &str, headers: &HeaderMap) -> Response {
     let file = hub
         .repos
         .lock()
@@ -298,38 +408,174 @@ fn cdn(hub: &Hub, sha: &str) -> Response {
         return respond(StatusCode::NOT_FOUND, &[], Body::empty());
     };
     let len = file.bytes.len();
-    let headers = [
-        ("content-length", len.to_string()),
-        ("etag", format!("\"{sha}\"")),
-    ];
-    let fault = hub.faults.lock().unwrap().remove(sha);
-    let body = match fault {
-        None => Body::from(file.bytes),
-        Some(Fault::Corrupt) => {
-            let mut bytes = file.bytes.to_vec();
-            bytes[len / 2] ^= 0xff;
-            Body::from(bytes)
-        }
-        Some(Fault::DropMidBody) => {
-            let half = file.bytes.slice(..len / 2);
-            Body::from_stream(futures_util::stream::iter([
-                Ok(half),
-                Err(std::io::Error::other("connection dropped")),
-            ]))
-        }
-        Some(Fault::Pause(pause)) => {
-            let (first, rest) = (file.bytes.slice(..len / 2), file.bytes.slice(len / 2..));
-            let later = futures_util::stream::once(async move {
-                tokio::time::sleep(pause).await;
-                Ok::<_, std::io::Error>(rest)
-            });
-            Body::from_stream(futures_util::StreamExt::chain(
-                futures_util::stream::once(async { Ok(first) }),
-                later,
-            ))
-        }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     };
-    respond(StatusCode::OK, &headers, body)
+    let (range, if_range) = (header("range"), header("if-range"));
+    let generation = hub
+        .generation
+        .lock()
+        .unwrap()
+        .get(sha)
+        .copied()
+        .unwrap_or(0);
+    let etag = if generation == 0 {
+        format!("\"{sha}\"")
+    } else {
+        format!("\"{sha}-{generation}\"")
+    };
+    let mut reply = CdnReply {
+        range: range.clone(),
+        if_range: if_range.clone(),
+        status: 200,
+        etag: etag.clone(),
+    };
+    // Like S3/CloudFront: a range is honoured when If-Range is absent or matches the current ETag.
+    let wanted = range
+        .as_deref()
+        .filter(|_| !hub.ignore_range.load(Ordering::SeqCst))
+        .filter(|_| if_range.is_none() || if_range.as_deref() == Some(etag.as_str()))
+        .map(|r| {
+            r.strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .expect("wick asks for open-ended byte ranges only")
+        });
+    let refuse = wanted.is_some() && {
+        let mut faults = hub.faults.lock().unwrap();
+        let queue = faults.entry(sha.to_string()).or_default();
+        let front = queue.front() == Some(&Fault::Refuse416);
+        if front {
+            queue.pop_front();
+        }
+        front
+    };
+    if refuse || wanted.is_some_and(|first| first >= len) {
+        reply.status = 416;
+        hub.cdn_log.lock().unwrap().push(reply);
+        return respond(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            &[("content-range", format!("bytes */{len}"))],
+            Body::empty(),
+        );
+    }
+    let start = wanted.unwrap_or(0);
+    let mut headers = vec![
+        ("content-length", (len - start).to_string()),
+        ("etag", etag),
+    ];
+    let status = if wanted.is_some() {
+        headers.push(("content-range", format!("bytes {start}-{}/{len}", len - 1)));
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    reply.status = status.as_u16();
+    hub.cdn_log.lock().unwrap().push(reply);
+
+    let fault = hub
+        .faults
+        .lock()
+        .unwrap()
+        .get_mut(sha)
+        .and_then(VecDeque::pop_front);
+    let mut body = file.bytes.slice(start..);
+    let mut pause = None;
+    let mut cut = None;
+    let mut stall = false;
+    match fault {
+        None => {}
+        Some(Fault::Corrupt) => {
+            let mut bytes = body.to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xff;
+            body = Bytes::from(bytes);
+        }
+        Some(Fault::DropMidBody) => cut = Some(body.len() / 2),
+        Some(Fault::Refuse416) => unreachable!("answered before the body"),
+        Some(Fault::StallAt(at)) => {
+            cut = Some(
+                usize::try_from(at)
+                    .unwrap()
+                    .saturating_sub(start)
+                    .min(body.len()),
+            );
+            stall = true;
+        }
+        Some(Fault::Pause(d)) => pause = Some((body.len() / 2, d)),
+        Some(Fault::CutAt { at, new_etag }) => {
+            cut = Some(
+                usize::try_from(at)
+                    .unwrap()
+                    .saturating_sub(start)
+                    .min(body.len()),
+            );
+            if new_etag {
+                *hub.generation
+                    .lock()
+                    .unwrap()
+                    .entry(sha.to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    // 64 KiB pieces, so a cut or a pause lands inside the body, and every byte handed over is counted.
+    let end = cut.unwrap_or(body.len());
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < end {
+        let next = (at + 64 * 1024).min(end);
+        let next = match pause {
+            Some((p, _)) if at < p && next > p => p,
+            _ => next,
+        };
+        let bytes = body.slice(at..next);
+        pieces.push(match pause {
+            Some((p, d)) if at == p => Piece::After(d, bytes),
+            _ => Piece::Data(bytes),
+        });
+        at = next;
+    }
+    if cut.is_some() {
+        pieces.push(if stall {
+            Piece::Stall
+        } else {
+            Piece::Drop {
+                hard: hub.hard_cuts.load(Ordering::SeqCst),
+            }
+        });
+    }
+    let counter = Arc::clone(hub);
+    let stream = futures_util::StreamExt::then(futures_util::stream::iter(pieces), move |piece| {
+        let hub = Arc::clone(&counter);
+        async move {
+            let bytes = match piece {
+                Piece::Data(bytes) => bytes,
+                Piece::After(pause, bytes) => {
+                    tokio::time::sleep(pause).await;
+                    bytes
+                }
+                Piece::Drop { hard } => {
+                    if !hard {
+                        // Let the server hand what it sent to the socket first: a cut loses no
+                        // counted byte (bar a starved machine, which the tests' bounds allow for).
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    return Err(std::io::Error::other("connection dropped"));
+                }
+                Piece::Stall => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return Err(std::io::Error::other("stalled"));
+                }
+            };
+            hub.served.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes)
+        }
+    });
+    respond(status, &headers, Body::from_stream(stream))
 }
 
 fn api_revision(hub: &Hub, repo_id: &str, rev: &str, auth: Option<&str>) -> Response {
@@ -624,22 +870,356 @@ async fn corrupt_blob_is_replaced_not_used() {
     assert_eq!(hub.count_gets(&format!("/cdn/{sha}")), 3);
 }
 
+fn model_size() -> u64 {
+    std::fs::metadata(fixture_dir().join("model.safetensors"))
+        .unwrap()
+        .len()
+}
+
 #[tokio::test]
-async fn broken_transfer_is_retried_and_leaves_no_partial_file() {
+async fn broken_transfer_resumes_with_a_range_request_and_sends_each_byte_about_once() {
     let hub = start_hub().await;
     let cache = tempfile::tempdir().unwrap();
     let sha = model_sha();
+    let size = model_size();
     hub.arm(&sha, Fault::DropMidBody);
     let files = resolve(&llama("main"), &options(&hub, cache.path()))
         .await
         .unwrap();
     assert_matches_fixture(&files);
+    let half = size / 2;
+    let replies = hub.cdn_replies();
     assert_eq!(
-        hub.count_gets(&format!("/cdn/{sha}")),
+        replies.len(),
         2,
-        "one broken transfer, one retry"
+        "one broken transfer, one resume: {replies:?}"
+    );
+    assert_eq!(replies[0].range, None);
+    // The resume starts where wick's file ended: at the cut, less what the cut lost in flight.
+    let resumed = replies[1].range_start().unwrap();
+    assert!(resumed > 0 && resumed <= half, "{replies:?}");
+    assert_eq!(
+        replies[1].if_range.as_deref(),
+        Some(replies[0].etag.as_str()),
+        "the validator the CDN sent guards the resume"
+    );
+    assert_eq!(replies[1].status, 206);
+    assert_eq!(
+        hub.served(),
+        half + (size - resumed),
+        "the broken half, then only the rest"
     );
     assert!(partial_files(cache.path(), "org/tiny-llama").is_empty());
+}
+
+#[tokio::test]
+async fn many_resets_still_cost_about_one_file_of_traffic() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    let size = model_size();
+    // Ten resets, more than max_attempts (5): attempts that move the file forward do not count.
+    for i in 1..=10 {
+        hub.arm(
+            &sha,
+            Fault::CutAt {
+                at: size * i / 11,
+                new_etag: false,
+            },
+        );
+    }
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let replies = hub.cdn_replies();
+    assert_eq!(replies.len(), 11);
+    assert!(replies[1..].iter().all(|r| r.status == 206), "{replies:?}");
+    // A cut can lose only what the server had not yet written to the socket (hyper buffers at most
+    // ~400 KiB); with the mock's graceful cuts that is nothing unless the machine is starved.
+    assert!(
+        hub.served() <= size + 10 * 512 * 1024,
+        "{} bytes sent for a {size}-byte file",
+        hub.served()
+    );
+}
+
+#[tokio::test]
+async fn server_that_ignores_range_is_downloaded_from_the_start_again() {
+    let hub = start_hub().await;
+    hub.ignore_range.store(true, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    let size = model_size();
+    hub.arm(&sha, Fault::DropMidBody);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let replies = hub.cdn_replies();
+    assert_eq!(replies.len(), 2);
+    assert!(replies[1].range.is_some(), "wick asked for the rest");
+    assert_eq!(
+        replies[1].status, 200,
+        "and got the whole file, which it kept"
+    );
+    assert_eq!(hub.served(), size / 2 + size);
+}
+
+#[tokio::test]
+async fn replaced_object_fails_if_range_and_the_file_starts_over() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    let size = model_size();
+    hub.arm(
+        &sha,
+        Fault::CutAt {
+            at: size / 3,
+            new_etag: true,
+        },
+    );
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let replies = hub.cdn_replies();
+    assert_eq!(replies.len(), 2);
+    assert!(replies[1]
+        .range_start()
+        .is_some_and(|n| n > 0 && n <= size / 3));
+    assert_eq!(
+        replies[1].if_range.as_deref(),
+        Some(replies[0].etag.as_str())
+    );
+    assert_ne!(replies[1].etag, replies[0].etag);
+    assert_eq!(
+        replies[1].status, 200,
+        "the old validator no longer matches: the whole file"
+    );
+    assert_eq!(hub.served(), size / 3 + size);
+}
+
+#[tokio::test]
+async fn range_refused_with_416_starts_the_file_over() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let sha = model_sha();
+    let size = model_size();
+    hub.arm(&sha, Fault::DropMidBody);
+    hub.arm(&sha, Fault::Refuse416);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let statuses: Vec<(bool, u16)> = hub
+        .cdn_replies()
+        .iter()
+        .map(|r| (r.range.is_some(), r.status))
+        .collect();
+    assert_eq!(statuses, vec![(false, 200), (true, 416), (false, 200)]);
+    assert_eq!(hub.served(), size / 2 + size);
+}
+
+/// Runs one resolve that gives up, leaving a partial file of at most `at` bytes behind (as a worker
+/// killed or out of retries would): the connection is cut at `at`, then again at `at` (no progress, so
+/// `max_attempts = 1` ends it; spare cuts in case a starved machine lost bytes in flight). Returns the
+/// partial's path and length, and forgets the CDN's counts and unused faults.
+async fn leave_a_partial(hub: &Hub, cache: &Path, at: u64) -> (PathBuf, u64) {
+    let sha = model_sha();
+    for _ in 0..4 {
+        hub.arm(
+            &sha,
+            Fault::CutAt {
+                at,
+                new_etag: false,
+            },
+        );
+    }
+    let mut opts = options(hub, cache);
+    opts.max_attempts = 1;
+    let err = resolve(&llama("main"), &opts).await.unwrap_err();
+    assert!(matches!(err, HubError::Network { .. }), "{err:?}");
+    let partial = repo_dir(cache, "org/tiny-llama").join(format!("blobs/{sha}.incomplete"));
+    let meta = std::fs::metadata(&partial).unwrap();
+    assert!(
+        meta.len() > 0 && meta.len() <= at,
+        "the broken attempts' bytes stay on disk: {}",
+        meta.len()
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    hub.faults.lock().unwrap().clear();
+    hub.reset_cdn_counts();
+    (partial, meta.len())
+}
+
+#[tokio::test]
+async fn a_new_process_resumes_the_partial_file_a_previous_one_left() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let size = model_size();
+    let (partial, kept) = leave_a_partial(&hub, cache.path(), size * 3 / 5).await;
+    // Old enough to count as stale: still resumed, because this very blob is being fetched.
+    std::fs::File::options()
+        .write(true)
+        .open(&partial)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let replies = hub.cdn_replies();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].range, Some(format!("bytes={kept}-")));
+    assert_eq!(
+        replies[0].if_range, None,
+        "no validator survives the process; the sha256 check guards the splice"
+    );
+    assert_eq!(replies[0].status, 206);
+    assert_eq!(hub.served(), size - kept, "only the missing bytes");
+    assert!(partial_files(cache.path(), "org/tiny-llama").is_empty());
+}
+
+#[tokio::test]
+async fn disk_check_counts_only_the_bytes_a_resume_still_needs() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let size = model_size();
+    let (_, kept) = leave_a_partial(&hub, cache.path(), size / 2).await;
+    // Room for the rest of the weights, not for all of them (the small files are cached already).
+    let mut opts = options(&hub, cache.path());
+    let room = wick::hub::disk::required_with_margin(size - kept);
+    assert!(room < wick::hub::disk::required_with_margin(size));
+    opts.free_space = FreeSpace::Fixed(room);
+    let files = resolve(&llama("main"), &opts).await.unwrap();
+    assert_matches_fixture(&files);
+    assert_eq!(hub.served(), size - kept);
+}
+
+#[tokio::test]
+async fn corrupt_bytes_in_a_resumed_partial_are_caught_and_fetched_again() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let size = model_size();
+    let (partial, kept) = leave_a_partial(&hub, cache.path(), size / 2).await;
+    let mut bytes = std::fs::read(&partial).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&partial, &bytes).unwrap();
+
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let statuses: Vec<(Option<String>, u16)> = hub
+        .cdn_replies()
+        .iter()
+        .map(|r| (r.range.clone(), r.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(Some(format!("bytes={kept}-")), 206), (None, 200)],
+        "resumed, failed the sha256 check, fetched again from byte 0"
+    );
+    assert_eq!(hub.served(), (size - kept) + size);
+}
+
+#[tokio::test]
+async fn partial_as_long_as_the_file_is_only_verified() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    // A worker killed after the last byte, before the rename.
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut partial = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(blobs.join(format!("{}.incomplete", model_sha())))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut partial,
+        &std::fs::read(fixture_dir().join("model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    drop(partial);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    assert!(hub.cdn_replies().is_empty(), "{:?}", hub.cdn_replies());
+}
+
+#[tokio::test]
+async fn partial_file_of_another_owner_or_mode_is_started_over() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let size = model_size();
+    // Readable by others (not wick's own 0600 file): never resumed, whatever it holds.
+    let blobs = repo_dir(cache.path(), "org/tiny-llama").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let path = blobs.join(format!("{}.incomplete", model_sha()));
+    let mut partial = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut partial, &vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(partial);
+    let files = resolve(&llama("main"), &options(&hub, cache.path()))
+        .await
+        .unwrap();
+    assert_matches_fixture(&files);
+    let replies = hub.cdn_replies();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].range, None);
+    assert_eq!(hub.served(), size);
+}
+
+#[tokio::test]
+async fn token_reaches_the_hub_but_never_the_cdn_on_another_port() {
+    let hub = start_hub().await;
+    start_cdn(&hub).await;
+    let mut repo = tiny_llama_repo();
+    repo.gated = true;
+    hub.add_repo("org/gated", repo);
+    let sha = model_sha();
+    hub.arm(&sha, Fault::DropMidBody);
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(&hub, cache.path());
+    opts.token = Some(wick::config::Secret::new(TOKEN));
+    let files = resolve(
+        &request("org/gated", "main", HubWeights::Safetensors),
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert_matches_fixture(&files);
+    let seen = hub.seen.lock().unwrap().clone();
+    let cdn: Vec<&Seen> = seen.iter().filter(|s| s.server == "cdn").collect();
+    assert_eq!(cdn.len(), 2, "the broken transfer and its resume: {seen:?}");
+    assert!(
+        cdn.iter().all(|s| s.authorization.is_none()),
+        "no credential for another origin: {cdn:?}"
+    );
+    let resolves: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.server == "hub" && s.path.contains("/resolve/"))
+        .collect();
+    assert!(!resolves.is_empty());
+    let bearer = format!("Bearer {TOKEN}");
+    assert!(
+        resolves
+            .iter()
+            .all(|s| s.authorization.as_deref() == Some(bearer.as_str())),
+        "the gated repo's own requests carry the token: {resolves:?}"
+    );
 }
 
 #[tokio::test]
@@ -1303,4 +1883,113 @@ async fn cache_filled_by_another_tool_is_hashed_once_then_trusted() {
         markers.iter().all(|m| m.exists()),
         "markers written after hashing"
     );
+}
+
+/// xorshift64*: a seeded, dependency-free source of cut points.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/ROBUSTNESS.md Q10 (prints figures); run: cargo test --test hub_download -- --ignored --nocapture measure_"]
+async fn measure_resume_under_50_stalls_and_resets() {
+    use std::time::Instant;
+    const EVENTS: usize = 50;
+    const TRIALS: u64 = 6;
+    let hub = start_hub().await;
+    let size: usize = 100 * 1024 * 1024;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(13) % 253) as u8)
+        .collect();
+    let sha = sha256_hex(&data);
+    let mut files = BTreeMap::new();
+    files.insert("big.gguf".to_string(), mock_file(data, true));
+    hub.add_repo(
+        "org/flaky",
+        MockRepo {
+            files,
+            gated: false,
+        },
+    );
+    let req = request(
+        "org/flaky",
+        "main",
+        HubWeights::Gguf {
+            file: "big.gguf".into(),
+        },
+    );
+    let size = size as u64;
+    let (mut served_total, mut corrupt, mut ranged, mut restart_cost) = (0u64, 0, 0, 0u64);
+    for trial in 0..TRIALS {
+        // Trials 0-2: every byte sent before a cut arrives; 3-5: cuts lose what was in flight.
+        let hard = trial >= TRIALS / 2;
+        hub.hard_cuts.store(hard, Ordering::SeqCst);
+        hub.reset_cdn_counts();
+        let mut rng = 0x9e37_79b9_7f4a_7c15 ^ (trial + 1);
+        let mut points: Vec<u64> = (0..EVENTS)
+            .map(|_| 1 + next_random(&mut rng) % (size - 1))
+            .collect();
+        points.sort_unstable();
+        points.dedup();
+        assert_eq!(points.len(), EVENTS);
+        // Every fifth event is a stall (the connection stays open, silent), the others resets.
+        for (i, &at) in points.iter().enumerate() {
+            hub.arm(
+                &sha,
+                if i % 5 == 4 {
+                    Fault::StallAt(at)
+                } else {
+                    Fault::CutAt {
+                        at,
+                        new_etag: false,
+                    }
+                },
+            );
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let mut opts = options(&hub, cache.path());
+        opts.stall_timeout = Duration::from_secs(1);
+        let started = Instant::now();
+        let resolved = resolve(&req, &opts).await.unwrap();
+        let elapsed = started.elapsed();
+        let WeightFiles::Gguf(path) = &resolved.weights else {
+            panic!("gguf")
+        };
+        let ok = sha256_hex(&std::fs::read(path).unwrap()) == sha;
+        corrupt += usize::from(!ok);
+        let replies = hub.cdn_replies();
+        let ranged_here = replies.iter().filter(|r| r.status == 206).count();
+        ranged += ranged_here;
+        let served = hub.served();
+        served_total += served;
+        // What the same events cost when every broken transfer starts again at byte 0.
+        restart_cost += points.iter().sum::<u64>() + size;
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = served as f64 / size as f64;
+        println!(
+            "trial {trial} ({} cuts): {} resets + {} stalls, {} GETs ({ranged_here} answered 206), served {served} bytes for a {size}-byte file = {ratio:.4}x, sha256 {}, {:.1} s",
+            if hard { "hard" } else { "graceful" },
+            EVENTS - EVENTS / 5,
+            EVENTS / 5,
+            replies.len(),
+            if ok { "ok" } else { "MISMATCH" },
+            elapsed.as_secs_f64()
+        );
+        assert!(ok);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let (ratio, restart_ratio) = (
+        served_total as f64 / (size * TRIALS) as f64,
+        restart_cost as f64 / (size * TRIALS) as f64,
+    );
+    println!(
+        "total: {} stalls/resets over {TRIALS} downloads of {} MiB: bytes served / file size = {ratio:.4}x ({ranged} ranged resumes); corrupt files {corrupt}; restarting from byte 0 instead would have cost {restart_ratio:.1}x",
+        EVENTS as u64 * TRIALS,
+        size >> 20
+    );
+    assert_eq!(corrupt, 0);
+    assert!(ratio < 1.25, "{ratio}");
 }

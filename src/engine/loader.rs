@@ -13,6 +13,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::hub::{ModelFiles, WeightFiles};
+use crate::models::cpu_matmul::{packed_kernels_apply, set_cpu_matmul, CpuMatmul};
 use crate::tokenizer::Tokenizer;
 
 /// Default context cap on CPU when `MAX_MODEL_LEN` is not set (the KV cache is preallocated).
@@ -122,6 +123,14 @@ pub fn load_engine(files: &ModelFiles, config: &Config) -> Result<EngineHandle, 
     let device = select_device(&config.device)?;
     let dtype = select_dtype(&config.dtype, &device)?;
     let tokenizer = load_tokenizer(files, config.custom_chat_template.as_deref())?;
+    set_cpu_matmul(if config.cpu_matmul == "candle" {
+        CpuMatmul::Candle
+    } else {
+        CpuMatmul::Auto
+    });
+    // Dense (safetensors) weights only: GGUF keeps its quantized kernels.
+    let packed_kernels = matches!(files.weights, WeightFiles::Safetensors(_))
+        && packed_kernels_apply(&device, dtype);
     let model = crate::models::load(files, &device, dtype)
         .map_err(|e| EngineError::Model(e.to_string()))?;
     let model_max = model.info().max_position_embeddings;
@@ -134,6 +143,7 @@ pub fn load_engine(files: &ModelFiles, config: &Config) -> Result<EngineHandle, 
     tracing::info!(
         architecture = %model.info().architecture,
         dtype = ?dtype,
+        packed_kernels,
         max_model_len,
         max_num_seqs = config.max_num_seqs,
         "model loaded"

@@ -4,7 +4,9 @@
 //!
 //! On top of that layout wick keeps, per blob: a `{etag}.verified` marker (what was hashed, so a warm
 //! start does not hash again) and a `{etag}.wick.lock` lock file (one writer per blob across processes
-//! and hosts sharing a volume). Writes of small files go to a unique 0600 temp file, then `rename`.
+//! and hosts sharing a volume). Writes of small files go to a unique 0600 temp file, then `rename`;
+//! blobs are written through `{etag}.incomplete` (0600, never followed if it is a link), which a later
+//! attempt or a later process resumes ([`open_partial`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -120,6 +122,40 @@ impl RepoCache {
         (meta.is_file() && same).then_some(etag)
     }
 
+    /// Points `snapshots/{commit}/{file}` at `blobs/{etag}` with a relative symlink, as `hf-hub` and
+    /// Python do (`../../blobs/{etag}`, one more `../` per folder in `file`); atomic replace.
+    ///
+    /// # Errors
+    /// I/O errors (the temp link is removed).
+    pub fn link_snapshot(&self, commit: &str, file: &str, etag: &str) -> std::io::Result<()> {
+        let link = self.snapshot(commit, file);
+        let dir = link
+            .parent()
+            .ok_or_else(|| std::io::Error::other("snapshot path has no parent directory"))?;
+        std::fs::create_dir_all(dir)?;
+        let depth = file.split('/').count() + 1;
+        let mut target = PathBuf::new();
+        for _ in 0..depth {
+            target.push("..");
+        }
+        target.push("blobs");
+        target.push(etag);
+        let name = link.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let tmp = dir.join(format!(
+            ".{name}.tmp-{}-{:016x}",
+            std::process::id(),
+            random_u64()
+        ));
+        let result =
+            std::os::unix::fs::symlink(&target, &tmp).and_then(|()| std::fs::rename(&tmp, &link));
+        if result.is_err() {
+            if let Err(e) = std::fs::remove_file(&tmp) {
+                tracing::debug!(path = %tmp.display(), error = %e, "could not remove temp link");
+            }
+        }
+        result
+    }
+
     /// Records that `file` does not exist at `commit` (Python-compatible empty marker).
     ///
     /// # Errors
@@ -196,6 +232,43 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// Opens `{etag}.incomplete` for writing: an existing one is resumed (its length is returned) when
+/// `resume` is set and it is wick's own (a regular file, not a link, owned by this user, mode 0600);
+/// anything else there is removed and a new empty 0600 file created. The caller holds the blob's locks.
+///
+/// # Errors
+/// I/O errors.
+pub fn open_partial(path: &Path, resume: bool) -> std::io::Result<(File, u64)> {
+    if resume {
+        let existing = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path);
+        match existing {
+            Ok(file) => {
+                let meta = file.metadata()?;
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::geteuid() };
+                if meta.is_file() && meta.uid() == uid && meta.mode() & 0o777 == 0o600 {
+                    return Ok((file, meta.len()));
+                }
+                tracing::info!(path = %path.display(), "partial download is not wick's own; starting it over");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // ELOOP: a symlink where the partial should be; removed below, never followed.
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "partial download cannot be resumed")
+            }
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok((create_private(path)?, 0))
 }
 
 /// The mode a plain `File::create` gives in this process: 0666 less the umask (read from
@@ -339,9 +412,19 @@ impl FileLock {
     }
 }
 
-/// Removes partial downloads a killed process left in `blobs/` (`*.incomplete` and wick temp files older
-/// than `older_than`, whose blob no live process holds a lock on). Returns how many were removed.
-pub fn sweep_stale_partials(repo: &RepoCache, older_than: Duration) -> usize {
+/// Removes partial downloads nobody will resume from `blobs/`: `*.incomplete` and wick temp files older
+/// than `older_than` (the time since their last written byte), whose blob no live process holds a lock
+/// on, and whose etag `keep` does not claim (a blob about to be fetched resumes its partial instead).
+/// Returns how many were removed.
+///
+/// wick calls it after a successful resolve (every blob of the model is then complete, so what is left
+/// belongs to another revision or was abandoned) and when the disk check comes up short; never before
+/// a download, so a partial left by a killed worker is resumed however long ago it was written.
+pub fn sweep_stale_partials(
+    repo: &RepoCache,
+    older_than: Duration,
+    keep: &dyn Fn(&str) -> bool,
+) -> usize {
     let Ok(entries) = std::fs::read_dir(repo.blobs_dir()) else {
         return 0;
     };
@@ -358,7 +441,7 @@ pub fn sweep_stale_partials(repo: &RepoCache, older_than: Duration) -> usize {
         } else {
             continue;
         };
-        if !(is_sha256_hex(etag) || is_commit_hash(etag)) {
+        if !(is_sha256_hex(etag) || is_commit_hash(etag)) || keep(etag) {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
@@ -545,11 +628,85 @@ mod tests {
         let _held_lock = FileLock::try_acquire(&repo.wick_lock(&held))
             .unwrap()
             .unwrap();
-        assert_eq!(sweep_stale_partials(&repo, Duration::from_secs(3600)), 1);
+        let kept = "4".repeat(64);
+        File::create(repo.incomplete(&kept))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let keep = |etag: &str| etag == kept;
+        assert_eq!(
+            sweep_stale_partials(&repo, Duration::from_secs(3600), &keep),
+            1
+        );
         assert!(!repo.incomplete(&old).exists());
         assert!(repo.incomplete(&held).exists());
         assert!(repo.incomplete(&fresh).exists());
+        assert!(
+            repo.incomplete(&kept).exists(),
+            "a partial about to be resumed stays"
+        );
         assert!(repo.blob(&old).exists());
+    }
+
+    #[test]
+    fn partial_is_resumed_only_when_it_is_our_own_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.incomplete");
+        let (mut file, len) = open_partial(&path, true).unwrap();
+        assert_eq!(len, 0);
+        file.write_all(b"12345").unwrap();
+        drop(file);
+        assert_eq!(open_partial(&path, true).unwrap().1, 5, "ours: resumed");
+        assert_eq!(
+            open_partial(&path, false).unwrap().1,
+            0,
+            "not resumable: emptied"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+
+        std::fs::write(&path, b"12345").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            open_partial(&path, true).unwrap().1,
+            0,
+            "readable by others: replaced"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // A link where the partial should be is removed, never followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep me").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert_eq!(open_partial(&path, true).unwrap().1, 0);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn snapshot_links_are_relative_and_nested_files_reach_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = RepoCache::new(dir.path(), "org/m");
+        let (commit, etag) = ("c".repeat(40), "a".repeat(64));
+        std::fs::create_dir_all(repo.blobs_dir()).unwrap();
+        std::fs::write(repo.blob(&etag), b"w").unwrap();
+        for file in ["model.safetensors", "sub/dir/model.gguf"] {
+            repo.link_snapshot(&commit, file, &etag).unwrap();
+            let target = std::fs::read_link(repo.snapshot(&commit, file)).unwrap();
+            assert!(target.is_relative(), "{target:?}");
+            assert_eq!(repo.snapshot_etag(&commit, file), Some(etag.clone()));
+            // Linking again replaces the link in place.
+            repo.link_snapshot(&commit, file, &etag).unwrap();
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(repo.snapshot(&commit, "x").parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

@@ -6,15 +6,32 @@
 //!   them (no redirects followed except relative ones, so an LFS file's `X-Linked-Etag` — its sha256 —
 //!   is read from the Hub's own answer). wick validates every etag and commit as hex before it names a
 //!   path, classifies errors (`X-Error-Code`), and keeps its own timeouts and retries;
-//! - **transfers and the cache layout** are `hf-hub` 1.0's `download_file` (blob, snapshot symlink,
-//!   Xet when the Hub says so), always asked for a 40-hex commit so every file comes from one commit;
-//!   `HF_HUB_OFFLINE` maps to its `local_files_only`;
-//! - **on top**: one `flock` per blob across processes (a second worker waits, then finds the blob
-//!   done), a 0600 partial file, sha256 verification of every LFS blob against its etag before use
-//!   with a `.verified` marker so warm starts do not hash again, replacement of corrupt or truncated
-//!   blobs, bounded retries with backoff and jitter (a broken transfer starts again), a stall watchdog,
-//!   a free-space check before the first byte, progress lines every few seconds, and cleanup of stale
-//!   partial files.
+//! - **transfers** are wick's own `GET /{repo}/resolve/{commit}/{file}`, always at a 40-hex commit so
+//!   every file comes from one commit, into the cache layout `hf-hub` and Python share (blob
+//!   `blobs/{etag}` written through `blobs/{etag}.incomplete`, relative snapshot symlink). Redirects
+//!   (the Hub sends LFS and Xet-stored files to a CDN or its Xet bridge, which serve plain HTTP with
+//!   ranges) are followed by hand, at most 10, and the token goes only to requests whose origin
+//!   (scheme, host and port) is `HF_ENDPOINT`'s: never to the CDN. `hf-hub` 1.0 only answers the
+//!   cache-only lookups of `HF_HUB_OFFLINE` (it honours Python's `.no_exist` markers);
+//! - **resume**: a broken transfer of an LFS blob (one whose sha256 is known) goes on from the bytes
+//!   already in its `.incomplete` file with `Range: bytes=<len>-` (plus `If-Range` with the validator the
+//!   same server sent earlier in this process). A `206` whose `Content-Range` starts where the file
+//!   ends is appended; a `200` (server ignored the range, or `If-Range` did not match) or a `416`
+//!   starts the file over. A killed process leaves its partial for the next one, which resumes it.
+//!   Whatever the bytes went through, the whole file is hashed before the rename; a mismatch deletes
+//!   the partial and fetches from byte 0 (bounded by the attempts). Small non-LFS files (no sha256 to
+//!   check them against) always start over;
+//! - **on top**: `flock` locks per blob across processes (wick's own and the one `hf-hub` and Python
+//!   take, so no two writers share a partial; a second worker waits, then finds the blob done), a 0600
+//!   partial file, sha256 verification of every LFS blob against its etag before use with a
+//!   `.verified` marker so warm starts do not hash again, replacement of corrupt or truncated blobs,
+//!   bounded retries with backoff and jitter, a stall watchdog, a size guard, a free-space check before
+//!   the first byte, progress lines every few seconds, and cleanup of stale partial files.
+//!
+//! Retry bound: `max_attempts` counts consecutive attempts that did not move the file forward; an
+//! attempt that leaves the partial at least [`MIN_PROGRESS`] bytes past the furthest it ever reached
+//! starts that count again (so a 100 GB file on a link that drops every few GB still finishes), which
+//! bounds the attempts per file by `max_attempts × (size / MIN_PROGRESS + 1)`.
 //!
 //! A warm start at a branch costs one HEAD (to learn the branch's commit); at a pinned commit, none.
 
@@ -26,11 +43,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use hf_hub::{HFClient, HFError, HFRepository, RepoTypeModel};
-use reqwest::header::{HeaderMap, CONTENT_LENGTH, ETAG, LOCATION, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_RANGE, LOCATION, RANGE, RETRY_AFTER,
+};
 use reqwest::{StatusCode, Url};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::cache::{
-    create_private, default_file_mode, marker_is_valid, random_u64, sweep_stale_partials,
+    default_file_mode, marker_is_valid, open_partial, random_u64, sweep_stale_partials,
     write_marker, FileLock, RepoCache,
 };
 use super::disk::required_with_margin;
@@ -40,8 +60,14 @@ use super::source::{is_commit_hash, is_sha256_hex, HubModel, HubWeights};
 use super::verify::{check_blob, Expected};
 use super::{human_bytes, HubError, HubOptions, ModelFiles, WeightFiles};
 
-/// Relative redirects followed by a HEAD (the Hub uses them for renamed repos).
+/// Relative redirects followed by a HEAD (the Hub uses them for renamed repos), and redirects of any
+/// kind followed by a transfer.
 const MAX_RELATIVE_REDIRECTS: usize = 10;
+/// Bytes past its furthest point an attempt must leave a partial file at for its failure not to count
+/// against `max_attempts` (see the module docs).
+pub const MIN_PROGRESS: u64 = 256 * 1024;
+/// Longest `ETag` kept as an `If-Range` validator.
+const MAX_VALIDATOR_LEN: usize = 256;
 /// Files probed with HEAD at once.
 const MAX_PARALLEL_HEADS: usize = 8;
 /// Longest single retry delay.
@@ -72,12 +98,13 @@ pub async fn fetch(model: &HubModel, opts: &HubOptions) -> Result<ModelFiles, Hu
         source,
     })?;
     let cache = RepoCache::new(&opts.cache_dir, &model.repo_id);
-    if !opts.offline {
-        sweep_stale_partials(&cache, opts.stale_partial_age);
-    }
     let fetcher = Fetcher::new(model, opts, cache, endpoint)?;
     let files = fetcher.run().await?;
     fetcher.check_contained(&files)?;
+    if !opts.offline {
+        // Every blob of this model is complete now: what is left, unlocked and old, nobody resumes.
+        sweep_stale_partials(&fetcher.cache, opts.stale_partial_age, &|_| false);
+    }
     Ok(files)
 }
 
@@ -139,7 +166,33 @@ enum Attempt {
         error: HubError,
         after: Option<Duration>,
     },
+    /// Failed, but moved the file at least [`MIN_PROGRESS`] past its furthest point: retried without
+    /// counting against `max_attempts`.
+    Progressed(HubError),
     Fail(HubError),
+}
+
+/// What the attempts on one blob share: how far its partial file ever got, and the validator the
+/// server sent for it (for `If-Range`).
+#[derive(Debug, Default)]
+struct ResumeState {
+    /// `std::sync::Mutex`: held for a field update only, never across an await.
+    inner: std::sync::Mutex<ResumeInner>,
+}
+
+#[derive(Debug, Default)]
+struct ResumeInner {
+    high_water: Option<u64>,
+    validator: Option<String>,
+}
+
+impl ResumeState {
+    fn with<T>(&self, f: impl FnOnce(&mut ResumeInner) -> T) -> T {
+        f(&mut self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
 }
 
 impl From<HubError> for Attempt {
@@ -155,6 +208,9 @@ struct Fetcher<'a> {
     endpoint: Url,
     /// For wick's HEAD requests: no redirects, per-request deadline.
     http: reqwest::Client,
+    /// For transfers: no automatic redirects (followed by hand), read-idle timeout.
+    transfer_http: reqwest::Client,
+    /// Cache-only lookups when offline.
     repo: HFRepository<RepoTypeModel>,
     transfer: Arc<Transfer>,
 }
@@ -182,15 +238,13 @@ impl<'a> Fetcher<'a> {
             .user_agent(user_agent)
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(build_error)?;
         let mut builder = HFClient::builder()
             .endpoint(opts.endpoint.clone())
             .cache_dir(opts.cache_dir.clone())
-            .client(transfer_http)
-            // wick retries whole files itself; hf-hub's own retry covers a request's headers only.
-            .retry_max_attempts(2)
-            .retry_base_delay(opts.retry_base_delay);
+            .client(http.clone());
         if let Some(token) = &opts.token {
             builder = builder.token(token.expose());
         }
@@ -206,6 +260,7 @@ impl<'a> Fetcher<'a> {
             cache,
             endpoint,
             http,
+            transfer_http,
             repo,
             transfer: Transfer::new(&model.repo_id, 0),
         })
@@ -444,14 +499,27 @@ impl<'a> Fetcher<'a> {
         commit: &str,
         planned: &[PlannedFile],
     ) -> Result<Vec<PathBuf>, HubError> {
-        let download_bytes: u64 = planned
+        let missing: Vec<&PlannedFile> = planned
             .iter()
             .filter(|p| !is_regular_file(&self.cache.blob(&p.etag)))
-            .map(|p| p.expected.size.unwrap_or(0))
+            .collect();
+        let download_bytes: u64 = missing.iter().map(|p| p.expected.size.unwrap_or(0)).sum();
+        // Bytes already in resumable partial files need no new room.
+        let resumable_bytes: u64 = missing
+            .iter()
+            .filter(|p| p.expected.sha256.is_some())
+            .filter_map(|p| {
+                let len = std::fs::symlink_metadata(self.cache.incomplete(&p.etag))
+                    .ok()
+                    .filter(std::fs::Metadata::is_file)?
+                    .len();
+                p.expected.size.map(|size| len.min(size))
+            })
             .sum();
         let downloading = download_bytes > 0 && !self.opts.offline;
         if downloading {
-            self.check_disk(download_bytes)?;
+            let keep = |etag: &str| missing.iter().any(|p| p.etag == etag);
+            self.check_disk(download_bytes.saturating_sub(resumable_bytes), &keep)?;
             self.transfer.add_expected(download_bytes);
             tracing::info!(
                 model = %self.model.repo_id,
@@ -492,17 +560,26 @@ impl<'a> Fetcher<'a> {
         Ok(paths)
     }
 
-    fn check_disk(&self, download_bytes: u64) -> Result<(), HubError> {
-        let available = self
-            .opts
-            .free_space
-            .available_bytes(&self.opts.cache_dir)
-            .map_err(|source| HubError::Io {
-                what: "checking free space of",
-                path: self.opts.cache_dir.clone(),
-                source,
-            })?;
+    /// Refuses to start when the cache's disk cannot hold `download_bytes` more; when short, first
+    /// removes this repo's stale partial files that no planned blob (`keep`) resumes, then looks again.
+    fn check_disk(&self, download_bytes: u64, keep: &dyn Fn(&str) -> bool) -> Result<(), HubError> {
+        let free_space = || {
+            self.opts
+                .free_space
+                .available_bytes(&self.opts.cache_dir)
+                .map_err(|source| HubError::Io {
+                    what: "checking free space of",
+                    path: self.opts.cache_dir.clone(),
+                    source,
+                })
+        };
         let needed = required_with_margin(download_bytes);
+        let mut available = free_space()?;
+        if available < needed
+            && sweep_stale_partials(&self.cache, self.opts.stale_partial_age, keep) > 0
+        {
+            available = free_space()?;
+        }
         if available < needed {
             return Err(HubError::DiskFull {
                 repo: self.model.repo_id.clone(),
@@ -522,13 +599,19 @@ impl<'a> Fetcher<'a> {
         {
             return Ok(self.cache.snapshot(commit, &planned.name));
         }
-        self.with_retries(&planned.name, |_| self.ensure_once(commit, planned))
+        let state = ResumeState::default();
+        self.with_retries(&planned.name, |_| self.ensure_once(commit, planned, &state))
             .await
     }
 
     /// One attempt, holding the blob's lock: check what is cached (replacing a corrupt blob), download
-    /// if needed, verify, mark, link.
-    async fn ensure_once(&self, commit: &str, planned: &PlannedFile) -> Result<PathBuf, Attempt> {
+    /// if needed (resuming a partial), verify, mark, link.
+    async fn ensure_once(
+        &self,
+        commit: &str,
+        planned: &PlannedFile,
+        state: &ResumeState,
+    ) -> Result<PathBuf, Attempt> {
         let name = planned.name.as_str();
         let _lock = FileLock::acquire(
             &self.cache.wick_lock(&planned.etag),
@@ -561,43 +644,38 @@ impl<'a> Fetcher<'a> {
             if self.opts.offline {
                 return Err(Attempt::Fail(self.not_cached(name)));
             }
-            // Also drops a dangling link, so hf-hub does not answer from it.
+            // Also drops a dangling link.
             self.discard(commit, planned)?;
-            let _partial = self.prepare_partial(&planned.etag)?;
-            self.transfer(commit, name, true, planned.expected.size)
-                .await?;
-            if self.cache.snapshot_etag(commit, name).as_deref() != Some(planned.etag.as_str()) {
-                return Err(Attempt::Fail(
-                    self.protocol(name, "the file's etag changed between two requests"),
-                ));
-            }
-            match self.check(&blob, planned).await? {
-                Ok(sha) => {
-                    relax_mode(&blob);
-                    write_marker(&self.cache, &planned.etag, sha);
-                }
-                Err(mismatch) => {
-                    tracing::warn!(file = name, problem = %mismatch, "downloaded file does not match the Hub's hash; retrying");
-                    self.discard(commit, planned)?;
-                    return Err(Attempt::Retry {
-                        error: self.corrupt(name, &mismatch.to_string()),
-                        after: None,
-                    });
-                }
-            }
+            // hf-hub and Python write the same `.incomplete` under this lock: one writer at a time.
+            let _theirs = FileLock::acquire(
+                &self.cache.hf_lock(&planned.etag),
+                self.opts.lock_timeout,
+                || {
+                    tracing::info!(
+                        file = name,
+                        "waiting for another tool that is fetching the same file"
+                    )
+                },
+            )
+            .await
+            .map_err(|e| Attempt::Fail(e.into()))?;
+            self.download_blob(commit, planned, state).await?;
         }
 
-        // The blob is present and verified; make sure this commit's snapshot links to it (one HEAD, no GET).
+        // The blob is present and verified; make sure this commit's snapshot links to it.
         if self.cache.snapshot_etag(commit, name).as_deref() != Some(planned.etag.as_str()) {
             if self.opts.offline {
                 return Err(Attempt::Fail(self.not_cached(name)));
             }
-            self.transfer(commit, name, false, None).await?;
-            if self.cache.snapshot_etag(commit, name).as_deref() != Some(planned.etag.as_str()) {
-                return Err(Attempt::Fail(
-                    self.protocol(name, "the file's etag changed between two requests"),
-                ));
-            }
+            self.cache
+                .link_snapshot(commit, name, &planned.etag)
+                .map_err(|source| {
+                    Attempt::Fail(HubError::Io {
+                        what: "linking",
+                        path: self.cache.snapshot(commit, name),
+                        source,
+                    })
+                })?;
         }
         Ok(self.cache.snapshot(commit, name))
     }
@@ -626,92 +704,387 @@ impl<'a> Fetcher<'a> {
             self.cache.marker(&planned.etag),
             link,
         ] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(Attempt::Fail(HubError::Io {
-                        what: "removing",
-                        path,
-                        source,
-                    }))
-                }
-            }
+            remove_if_present(&path).map_err(|source| {
+                Attempt::Fail(HubError::Io {
+                    what: "removing",
+                    path,
+                    source,
+                })
+            })?;
         }
         Ok(())
     }
 
-    /// Creates `{etag}.incomplete` with mode 0600 before `hf-hub` writes into it (it opens the file with
-    /// `File::create`, which keeps an existing file's mode), so a partial download is never readable by
-    /// other users. The guard removes what is left of it if the attempt fails.
-    fn prepare_partial(&self, etag: &str) -> Result<Option<PartialGuard>, Attempt> {
-        let path = self.cache.incomplete(etag);
-        let io = |what, source| {
-            Attempt::Fail(HubError::Io {
-                what,
-                path: path.clone(),
-                source,
-            })
+    /// Fills `{etag}.incomplete` (resuming what is there when the blob has a sha256 to check it
+    /// against), verifies the whole file, and renames it to the blob. Holds both locks of the blob.
+    /// A failed attempt keeps a resumable partial for the next one (or the next process); one whose
+    /// bytes fail verification is deleted.
+    async fn download_blob(
+        &self,
+        commit: &str,
+        planned: &PlannedFile,
+        state: &ResumeState,
+    ) -> Result<(), Attempt> {
+        let name = planned.name.as_str();
+        let partial = self.cache.incomplete(&planned.etag);
+        let io = |what, source: std::io::Error| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                Attempt::Fail(HubError::DiskFilled {
+                    repo: self.model.repo_id.clone(),
+                    path: self.opts.cache_dir.clone(),
+                })
+            } else {
+                Attempt::Fail(HubError::Io {
+                    what,
+                    path: partial.clone(),
+                    source,
+                })
+            }
         };
         std::fs::create_dir_all(self.cache.blobs_dir()).map_err(|e| io("creating", e))?;
-        // Only when no hf-hub/Python writer holds the blob: theirs is not ours to touch.
-        let Some(_theirs) = FileLock::try_acquire(&self.cache.hf_lock(etag))
-            .map_err(|e| Attempt::Fail(e.into()))?
-        else {
-            return Ok(None);
-        };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("removing", e)),
+        let resumable = planned.expected.sha256.is_some();
+        // Not resumable: a broken attempt leaves nothing behind.
+        let _guard = (!resumable).then(|| PartialGuard {
+            path: partial.clone(),
+        });
+        let (file, mut offset) = open_partial(&partial, resumable).map_err(|e| io("opening", e))?;
+        let mut file = tokio::fs::File::from_std(file);
+        if planned.expected.size.is_some_and(|size| offset > size) {
+            tracing::info!(
+                file = name,
+                "partial download is longer than the file; starting over"
+            );
+            file.set_len(0).await.map_err(|e| io("truncating", e))?;
+            offset = 0;
         }
-        drop(create_private(&path).map_err(|e| io("creating", e))?);
-        Ok(Some(PartialGuard { path }))
+        let start = offset;
+        let previous_high = state.with(|s| *s.high_water.get_or_insert(start));
+        if offset > 0 {
+            tracing::info!(
+                file = name,
+                offset,
+                "resuming a partial download ({} already on disk)",
+                human_bytes(offset)
+            );
+        }
+
+        let result = if planned.expected.size == Some(offset) && offset > 0 {
+            Ok(offset) // every byte already there: only the check is left
+        } else {
+            self.get_into(commit, planned, &mut file, offset, state)
+                .await
+        };
+        // Whatever happened, what was written must reach the file (a full disk shows here too).
+        file.flush().await.map_err(|e| io("writing", e))?;
+        let end = file.metadata().await.map_err(|e| io("reading", e))?.len();
+        // A failed attempt that moved the file past its furthest point is resumed without counting.
+        let retry = |error: HubError, after: Option<Duration>| {
+            let progressed = resumable && end >= previous_high.saturating_add(MIN_PROGRESS);
+            state.with(|s| s.high_water = Some(previous_high.max(end)));
+            if progressed {
+                tracing::info!(
+                    file = name,
+                    kept = end,
+                    "transfer broke; the partial file is kept and resumed"
+                );
+                Attempt::Progressed(error)
+            } else {
+                Attempt::Retry { error, after }
+            }
+        };
+        let len = match result {
+            Ok(len) => len,
+            Err(Attempt::Retry { error, after }) => return Err(retry(error, after)),
+            Err(other) => return Err(other),
+        };
+        if let Some(size) = planned.expected.size.filter(|size| len < *size) {
+            // The body ended cleanly but short: resumed like a broken transfer.
+            let error = self.network(name, 0, format!("the body ended at byte {len} of {size}"));
+            return Err(retry(error, None));
+        }
+        file.sync_all().await.map_err(|e| io("syncing", e))?;
+        drop(file);
+        match self.check(&partial, planned).await? {
+            Ok(sha) => {
+                let blob = self.cache.blob(&planned.etag);
+                std::fs::rename(&partial, &blob).map_err(|e| io("renaming", e))?;
+                relax_mode(&blob);
+                write_marker(&self.cache, &planned.etag, sha);
+                if start > 0 {
+                    tracing::info!(
+                        file = name,
+                        resumed_from = start,
+                        "resumed download verified"
+                    );
+                }
+                Ok(())
+            }
+            Err(mismatch) => {
+                tracing::warn!(file = name, problem = %mismatch, resumed_from = start, "downloaded file does not match the Hub's hash; fetching it again from byte 0");
+                remove_if_present(&partial).map_err(|e| io("removing", e))?;
+                state.with(|s| {
+                    s.high_water = Some(0);
+                    s.validator = None;
+                });
+                Err(Attempt::Retry {
+                    error: self.corrupt(name, &mismatch.to_string()),
+                    after: None,
+                })
+            }
+        }
     }
 
-    /// One `hf-hub` download of `file` at `commit` (a HEAD, then a GET unless the blob is cached),
-    /// abandoned when no byte moves for `stall_timeout`, or when more than `max_bytes` arrive (a server
-    /// must not fill the disk past the size it announced).
-    async fn transfer(
+    /// One GET of `file` at `commit` into `file_out` from byte `offset`; returns the file's length
+    /// after it. A `206` is appended after checking its `Content-Range`; a `200` (or a `416` to a range)
+    /// starts the file over. Abandoned when no byte moves for `stall_timeout`, or when more than the
+    /// announced size arrives (a server must not fill the disk).
+    async fn get_into(
+        &self,
+        commit: &str,
+        planned: &PlannedFile,
+        out: &mut tokio::fs::File,
+        mut offset: u64,
+        state: &ResumeState,
+    ) -> Result<u64, Attempt> {
+        let name = planned.name.as_str();
+        let io = |what, source: std::io::Error| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                Attempt::Fail(HubError::DiskFilled {
+                    repo: self.model.repo_id.clone(),
+                    path: self.opts.cache_dir.clone(),
+                })
+            } else {
+                Attempt::Fail(HubError::Io {
+                    what,
+                    path: self.cache.incomplete(&planned.etag),
+                    source,
+                })
+            }
+        };
+        self.transfer.start_attempt(name, offset);
+        let mut response = None;
+        // Twice at most: a 416 to a range is asked again without one.
+        for _ in 0..2 {
+            let validator = state.with(|s| s.validator.clone());
+            let (got, redirected) = self
+                .send_get(commit, name, offset, validator.as_deref())
+                .await?;
+            let status = got.status();
+            if status == StatusCode::RANGE_NOT_SATISFIABLE && offset > 0 {
+                tracing::info!(
+                    file = name,
+                    offset,
+                    "the server refused the range; starting the file over"
+                );
+                offset = 0;
+                state.with(|s| s.validator = None);
+                continue;
+            }
+            if !redirected && planned.expected.sha256.is_none() {
+                // A plain file answered directly: its ETag is the git blob id the HEAD gave.
+                let etag = got
+                    .headers()
+                    .get(ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|e| e.trim_start_matches("W/").trim_matches('"'));
+                if status.is_success()
+                    && etag.is_some_and(|e| is_commit_hash(e) && e != planned.etag)
+                {
+                    return Err(Attempt::Fail(
+                        self.protocol(name, "the file's etag changed between two requests"),
+                    ));
+                }
+            }
+            response = Some(got);
+            break;
+        }
+        let Some(mut response) = response else {
+            return Err(Attempt::Retry {
+                error: self.network(name, 0, "the server refused the range twice".into()),
+                after: None,
+            });
+        };
+        let status = response.status();
+        match status {
+            StatusCode::PARTIAL_CONTENT if offset > 0 => {
+                let range = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range);
+                let fits = range.is_some_and(|(first, last, total)| {
+                    first == offset
+                        && last >= first
+                        && total.is_none_or(|t| {
+                            last < t && planned.expected.size.is_none_or(|s| s == t)
+                        })
+                });
+                if !fits {
+                    // Not the bytes asked for: nothing is appended; the next attempt starts over.
+                    out.set_len(0).await.map_err(|e| io("truncating", e))?;
+                    state.with(|s| s.validator = None);
+                    return Err(Attempt::Retry {
+                        error: self.protocol(
+                            name,
+                            "the server answered a range other than the one asked for",
+                        ),
+                        after: None,
+                    });
+                }
+            }
+            StatusCode::OK => {
+                if offset > 0 {
+                    tracing::info!(
+                        file = name,
+                        offset,
+                        "the server sent the whole file instead of the rest; starting over"
+                    );
+                }
+                offset = 0;
+                out.set_len(0).await.map_err(|e| io("truncating", e))?;
+                self.transfer.start_attempt(name, 0);
+            }
+            _ => return Err(self.get_failure(name, status, response.headers())),
+        }
+        // A strong validator from this server, for the next attempt's If-Range.
+        let validator = response
+            .headers()
+            .get(ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.starts_with('"') && v.len() <= MAX_VALIDATOR_LEN)
+            .map(str::to_string);
+        state.with(|s| s.validator = validator);
+
+        out.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| io("seeking", e))?;
+        let max = planned.expected.size;
+        loop {
+            let chunk = tokio::time::timeout(self.opts.stall_timeout, response.chunk()).await;
+            let chunk = match chunk {
+                Err(_) => {
+                    return Err(Attempt::Retry {
+                        error: self.network(
+                            name,
+                            0,
+                            format!(
+                                "no data received for {} s",
+                                self.opts.stall_timeout.as_secs()
+                            ),
+                        ),
+                        after: None,
+                    })
+                }
+                Ok(Err(e)) => {
+                    return Err(Attempt::Retry {
+                        error: self.network(name, 0, error_chain(&e.without_url())),
+                        after: None,
+                    })
+                }
+                Ok(Ok(None)) => return Ok(offset),
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            let len = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+            let received = offset.saturating_add(len);
+            if let Some(max) = max.filter(|max| received > *max) {
+                // The partial holds only bytes inside the announced size; the extra is never written.
+                return Err(Attempt::Retry {
+                    error: self.corrupt(
+                        name,
+                        &format!("received {received} bytes, more than the {max} announced"),
+                    ),
+                    after: None,
+                });
+            }
+            out.write_all(&chunk).await.map_err(|e| io("writing", e))?;
+            offset = received;
+            self.transfer.add_bytes(name, len);
+        }
+    }
+
+    /// Sends the transfer GET, following up to [`MAX_RELATIVE_REDIRECTS`] redirects by hand: the token
+    /// only ever goes to `HF_ENDPOINT`'s origin, the range headers to every hop. Returns the final
+    /// response and whether a redirect was followed.
+    async fn send_get(
         &self,
         commit: &str,
         file: &str,
-        with_progress: bool,
-        max_bytes: Option<u64>,
-    ) -> Result<PathBuf, Attempt> {
-        self.transfer.start_attempt(file);
-        let progress = with_progress.then(|| self.transfer.handler(file));
-        let download = self
-            .repo
-            .download_file()
-            .filename(file)
-            .revision(commit)
-            .maybe_progress(progress)
-            .send();
-        tokio::pin!(download);
-        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                result = &mut download => return result.map_err(|e| self.classify(file, e)),
-                _ = watchdog.tick() => {
-                    if let Some(max) = max_bytes {
-                        let received = self.transfer.bytes_of(file);
-                        if received > max {
-                            return Err(Attempt::Retry {
-                                error: self.corrupt(file, &format!("received {received} bytes, more than the {max} announced")),
-                                after: None,
-                            });
-                        }
-                    }
-                    let idle = self.transfer.idle_for(file);
-                    if idle >= self.opts.stall_timeout {
-                        return Err(Attempt::Retry {
-                            error: self.network(file, 0, format!("no data received for {} s", idle.as_secs())),
-                            after: None,
-                        });
-                    }
+        offset: u64,
+        validator: Option<&str>,
+    ) -> Result<(reqwest::Response, bool), Attempt> {
+        let mut url = self.resolve_url(commit, file)?;
+        for hop in 0..=MAX_RELATIVE_REDIRECTS {
+            let mut request = self.transfer_http.get(url.clone());
+            if offset > 0 {
+                request = request.header(RANGE, format!("bytes={offset}-"));
+                if let Some(validator) = validator {
+                    request = request.header(IF_RANGE, validator);
                 }
             }
+            if let Some(token) = self
+                .opts
+                .token
+                .as_ref()
+                .filter(|_| same_origin(&url, &self.endpoint))
+            {
+                request = request.bearer_auth(token.expose());
+            }
+            let response = tokio::time::timeout(self.opts.stall_timeout, request.send())
+                .await
+                .map_err(|_| Attempt::Retry {
+                    error: self.network(
+                        file,
+                        0,
+                        format!("no response within {} s", self.opts.stall_timeout.as_secs()),
+                    ),
+                    after: None,
+                })?
+                .map_err(|e| Attempt::Retry {
+                    error: self.network(file, 0, error_chain(&e.without_url())),
+                    after: None,
+                })?;
+            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
+            {
+                return Ok((response, hop > 0));
+            }
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    Attempt::Fail(self.protocol(file, "a redirect without a Location"))
+                })?;
+            let next = url
+                .join(location)
+                .map_err(|e| Attempt::Fail(self.protocol(file, &format!("bad redirect: {e}"))))?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(Attempt::Fail(
+                    self.protocol(file, "a redirect to a scheme other than http or https"),
+                ));
+            }
+            url = next;
+        }
+        Err(Attempt::Fail(self.protocol(file, "too many redirects")))
+    }
+
+    /// What a failed transfer GET status means.
+    fn get_failure(&self, file: &str, status: StatusCode, headers: &HeaderMap) -> Attempt {
+        let repo = self.model.repo_id.clone();
+        match status.as_u16() {
+            401 | 403 => Attempt::Fail(HubError::Unauthorized {
+                repo,
+                token_given: self.opts.token.is_some(),
+            }),
+            404 => Attempt::Fail(self.not_found(file, "")),
+            408 | 429 | 500..=599 => Attempt::Retry {
+                error: self.network(file, 0, format!("HTTP {status}")),
+                after: headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER)),
+            },
+            _ => Attempt::Fail(self.protocol(file, &format!("HTTP {status}"))),
         }
     }
 
@@ -827,7 +1200,7 @@ impl<'a> Fetcher<'a> {
                 if header("x-xet-hash").is_some() {
                     tracing::debug!(
                         file,
-                        "stored in Xet; hf-hub fetches it through the Xet protocol"
+                        "stored in Xet; fetched over plain HTTP through the Hub's redirect, as Python does without hf_xet"
                     );
                 }
                 Ok(Some(HeadMeta { etag, size, commit }))
@@ -867,6 +1240,13 @@ impl<'a> Fetcher<'a> {
             match attempt(n).await {
                 Ok(value) => return Ok(value),
                 Err(Attempt::Fail(error)) => return Err(error),
+                Err(Attempt::Progressed(error)) => {
+                    // Moved forward: the count of attempts without progress starts again.
+                    let delay = backoff(self.opts.retry_base_delay, 1, None);
+                    tracing::warn!(file, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), error = %error, "transfer broke after progress; resuming");
+                    tokio::time::sleep(delay).await;
+                    n = 1;
+                }
                 Err(Attempt::Retry { error, after }) => {
                     if n >= max {
                         return Err(match error {
@@ -892,54 +1272,6 @@ impl<'a> Fetcher<'a> {
                     n += 1;
                 }
             }
-        }
-    }
-
-    /// Maps an `hf-hub` error to retry or fail.
-    fn classify(&self, file: &str, error: HFError) -> Attempt {
-        let repo = self.model.repo_id.clone();
-        match error {
-            HFError::Request { .. } | HFError::CacheLockTimeout { .. } => Attempt::Retry {
-                error: self.network(file, 0, error.to_string()),
-                after: None,
-            },
-            HFError::RateLimited { retry_after, .. } => Attempt::Retry {
-                error: self.network(file, 0, "rate limited".into()),
-                after: retry_after.map(|d| d.min(MAX_RETRY_AFTER)),
-            },
-            HFError::Http { ref context } if matches!(context.status.as_u16(), 408 | 500..=599) => {
-                Attempt::Retry {
-                    error: self.network(file, 0, error.to_string()),
-                    after: None,
-                }
-            }
-            HFError::AuthRequired { .. } | HFError::Forbidden { .. } => {
-                Attempt::Fail(HubError::Unauthorized {
-                    repo,
-                    token_given: self.opts.token.is_some(),
-                })
-            }
-            HFError::RepoNotFound { .. } => Attempt::Fail(HubError::RepoNotFound {
-                repo,
-                endpoint: self.opts.endpoint.clone(),
-            }),
-            HFError::RevisionNotFound { .. } => Attempt::Fail(HubError::RevisionNotFound {
-                repo,
-                revision: self.model.revision.clone(),
-            }),
-            HFError::EntryNotFound { .. } => Attempt::Fail(self.not_found(file, "")),
-            HFError::Io(source) if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Attempt::Fail(HubError::DiskFilled {
-                    repo,
-                    path: self.opts.cache_dir.clone(),
-                })
-            }
-            HFError::Io(source) => Attempt::Fail(HubError::Io {
-                what: "writing into the cache",
-                path: self.cache.blobs_dir(),
-                source,
-            }),
-            other => Attempt::Fail(self.protocol(file, &other.to_string())),
         }
     }
 
@@ -1038,7 +1370,8 @@ impl<'a> Fetcher<'a> {
     }
 }
 
-/// Removes a partial file left by a failed attempt (after success it has been renamed away).
+/// Removes a partial file that cannot be resumed when its attempt fails (after success it has been
+/// renamed away).
 struct PartialGuard {
     path: PathBuf,
 }
@@ -1065,6 +1398,33 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Removes `path`; a missing file is fine.
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Same scheme, host and port (the default port of the scheme when none is written).
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) as `(first, last, total)`.
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, total))
 }
 
 fn is_regular_file(path: &Path) -> bool {
@@ -1111,6 +1471,46 @@ mod tests {
             assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?}");
         }
         assert!(backoff(base, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+    }
+
+    #[test]
+    fn content_range_parses_and_rejects_garbage() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, 199, Some(200)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        for bad in [
+            "",
+            "bytes */200",
+            "items 1-2/3",
+            "bytes 1-/3",
+            "bytes -1-2/3",
+            "bytes 1-2",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn origins_differ_by_scheme_host_or_port() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(same_origin(
+            &u("https://hub.example/a"),
+            &u("https://hub.example:443/b")
+        ));
+        assert!(!same_origin(
+            &u("http://127.0.0.1:80/"),
+            &u("http://127.0.0.1:81/")
+        ));
+        assert!(!same_origin(
+            &u("https://hub.example/"),
+            &u("http://hub.example/")
+        ));
+        assert!(!same_origin(
+            &u("https://hub.example/"),
+            &u("https://cdn.hub.example/")
+        ));
     }
 
     #[test]

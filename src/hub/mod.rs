@@ -5,8 +5,9 @@
 //! - [`source`]: what `MODEL_NAME` / `MODEL_REVISION` name; validation of repo ids, revisions, file names.
 //! - [`presets`]: `models.toml` (built in, or from disk) and the `wick models` table.
 //! - [`local`]: local directories and `.gguf` files; the `model.safetensors.index.json` parser.
-//! - [`download`]: the Hub path: `hf-hub` 1.0 for transfers and the Python-compatible cache, with
-//!   per-blob locks, sha256 verification, retries, a stall watchdog, progress logs and a disk check on top.
+//! - [`download`]: the Hub path: wick's own HEADs and resumable ranged GETs into the Python-compatible
+//!   cache, with per-blob locks, sha256 verification, retries, a stall watchdog, progress logs and a disk
+//!   check on top (`hf-hub` 1.0 answers the offline cache lookups).
 //! - [`cache`]: cache layout, atomic writes, `flock` locks, `.verified` markers, stale partial cleanup.
 //! - [`verify`], [`disk`], [`progress`]: hashing, free space, progress lines.
 //!
@@ -334,7 +335,8 @@ pub struct HubOptions {
     pub free_space: FreeSpace,
     /// Files downloaded at once.
     pub max_parallel_downloads: usize,
-    /// Attempts per file (first try included) for transient failures.
+    /// Attempts per file (first try included) for transient failures; an attempt that resumed a
+    /// download and moved it forward does not count (see [`download`]).
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt (capped at 30 s), with full jitter.
     pub retry_base_delay: Duration,
@@ -348,7 +350,8 @@ pub struct HubOptions {
     pub stall_timeout: Duration,
     /// Longest wait for another process's lock on the same blob (it may be downloading it).
     pub lock_timeout: Duration,
-    /// Partial files older than this, with no live lock, are deleted.
+    /// Partial files untouched for this long, with no live lock, are deleted after a successful resolve
+    /// or when the disk is short (never the partial of a blob about to be fetched: that one is resumed).
     pub stale_partial_age: Duration,
     /// Interval between progress log lines.
     pub progress_interval: Duration,

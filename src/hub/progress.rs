@@ -1,13 +1,10 @@
-//! Download progress: an `hf-hub` [`ProgressHandler`] per file feeds shared counters; a ticker logs
-//! one line (bytes, MB/s, ETA) at a fixed interval, however often the events arrive. The counters
-//! also drive the stall watchdog (no byte for a while: the attempt is abandoned and retried).
+//! Download progress: the transfer loop reports each file's bytes (resumed bytes included) into shared
+//! counters; a ticker logs one line (bytes, MB/s, ETA) at a fixed interval, however often bytes arrive.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use hf_hub::progress::{DownloadEvent, FileProgress, ProgressEvent, ProgressHandler};
 
 /// Byte counters of one resolve (all files together).
 #[derive(Debug)]
@@ -42,11 +39,17 @@ impl Transfer {
         self.total_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Marks the start of an attempt on `file`: its byte count restarts at zero and the stall clock too.
-    pub fn start_attempt(&self, file: &str) {
+    /// Marks the start of an attempt on `file` that goes on from `offset` bytes already on disk (0 for
+    /// a fresh start): its byte count is set to `offset` and its activity clock restarts.
+    pub fn start_attempt(&self, file: &str, offset: u64) {
         self.update(file, |s| {
-            s.bytes = 0;
+            s.bytes = offset;
         });
+    }
+
+    /// Records `bytes` more received for `file`.
+    pub fn add_bytes(&self, file: &str, bytes: u64) {
+        self.update(file, |s| s.bytes = s.bytes.saturating_add(bytes));
     }
 
     /// Seconds since `file` last moved a byte (or since its attempt started).
@@ -77,14 +80,6 @@ impl Transfer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         files.values().map(|s| s.bytes).sum()
-    }
-
-    /// The `hf-hub` progress handle for one file.
-    pub fn handler(self: &Arc<Self>, file: &str) -> hf_hub::progress::Progress {
-        hf_hub::progress::Progress::new(FileHandler {
-            transfer: Arc::clone(self),
-            file: file.to_string(),
-        })
     }
 
     /// One log line's worth of status.
@@ -118,40 +113,6 @@ impl Transfer {
         });
         f(state);
         state.last_activity = Instant::now();
-    }
-}
-
-struct FileHandler {
-    transfer: Arc<Transfer>,
-    file: String,
-}
-
-impl ProgressHandler for FileHandler {
-    fn on_progress(&self, event: &ProgressEvent) {
-        let ProgressEvent::Download(event) = event else {
-            return;
-        };
-        match event {
-            DownloadEvent::Progress { files } => {
-                for FileProgress {
-                    bytes_completed, ..
-                } in files
-                {
-                    self.transfer
-                        .update(&self.file, |s| s.bytes = s.bytes.max(*bytes_completed));
-                }
-            }
-            // Xet transfers report per batch; one batch is this one file.
-            DownloadEvent::AggregateProgress {
-                bytes_completed, ..
-            } => {
-                self.transfer
-                    .update(&self.file, |s| s.bytes = s.bytes.max(*bytes_completed));
-            }
-            DownloadEvent::Start { .. } | DownloadEvent::Complete => {
-                self.transfer.update(&self.file, |_| {})
-            }
-        }
     }
 }
 
@@ -207,25 +168,16 @@ mod tests {
     }
 
     #[test]
-    fn handler_accumulates_per_file_and_restarts_on_retry() {
+    fn counters_accumulate_per_file_and_restart_from_the_resumed_offset() {
         let t = Transfer::new("org/m", 300);
-        let a = t.handler("a");
-        let b = t.handler("b");
-        let ev = |n| {
-            ProgressEvent::Download(DownloadEvent::Progress {
-                files: vec![FileProgress {
-                    filename: "x".into(),
-                    bytes_completed: n,
-                    total_bytes: 0,
-                    status: hf_hub::progress::FileStatus::InProgress,
-                }],
-            })
-        };
-        a.on_progress(&ev(100));
-        b.on_progress(&ev(50));
+        t.start_attempt("a", 0);
+        t.add_bytes("a", 100);
+        t.add_bytes("b", 50);
         assert_eq!(t.done_bytes(), 150);
-        t.start_attempt("a");
-        assert_eq!(t.done_bytes(), 50);
+        assert_eq!(t.bytes_of("a"), 100);
+        // A broken attempt resumed from the 80 bytes on disk.
+        t.start_attempt("a", 80);
+        assert_eq!(t.done_bytes(), 130);
         assert!(t.idle_for("a") < Duration::from_secs(5));
     }
 }

@@ -10,12 +10,12 @@
 //! Reference: transformers `models/gemma2/modeling_gemma2.py` (Gemma Team, 2024).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    embedding_and_head, last_token_logits, softcap, BatchPlan, Proj, Rotary, RotaryForPass,
+    embedding_and_head, last_token_logits, softcap, BatchPlan, Embed, Proj, Rotary, RotaryForPass,
 };
 use crate::models::llama::{model_info, Mlp, SelfAttn};
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
@@ -78,7 +78,7 @@ impl DecoderLayer {
 /// A Gemma 2 causal LM over an external KV cache.
 #[derive(Debug, Clone)]
 pub struct Gemma2 {
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Proj,

@@ -21,7 +21,7 @@ use crate::models::config::{
     check_limit, ModelError, RopeScaling, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS,
     MAX_POSITION_EMBEDDINGS,
 };
-use crate::models::layers::{AttnSpec, Proj, Rotary};
+use crate::models::layers::{AttnSpec, Embed, Proj, Rotary};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
 
@@ -591,7 +591,7 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
         dtype: DType::F32,
     };
     Ok(Llama {
-        embed_tokens: Embedding::new(embed, hidden),
+        embed_tokens: Embed::Table(Embedding::new(embed, hidden)),
         layers,
         norm,
         lm_head,

@@ -13,12 +13,15 @@
 //! `Tensor::cat` caches, GQA by grouping query heads instead of repeating K/V, masks per sequence.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
+use crate::models::cpu_attention;
+use crate::models::cpu_matmul::PackedMatrix;
 use crate::models::{ForwardBatch, SeqChunk};
 
 /// Loads the token embedding and the output projection of a Hugging Face checkpoint: `lm_head`, or the
@@ -26,20 +29,47 @@ use crate::models::{ForwardBatch, SeqChunk};
 pub(crate) fn embedding_and_head(
     cfg: &ModelConfig,
     vb: &candle_nn::VarBuilder,
-) -> Result<(candle_nn::Embedding, Proj)> {
+) -> Result<(Embed, Proj)> {
     let embed_weight = vb
         .pp("model")
         .pp("embed_tokens")
         .get((cfg.vocab_size, cfg.hidden_size), "weight")?; // (vocab, hidden)
-    let lm_head = if cfg.tie_word_embeddings {
-        Proj::Dense(candle_nn::Linear::new(embed_weight.clone(), None))
-    } else {
-        Proj::dense(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
-    };
-    Ok((
-        candle_nn::Embedding::new(embed_weight, cfg.hidden_size),
-        lm_head,
-    ))
+    if !cfg.tie_word_embeddings {
+        let lm_head = Proj::dense(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?;
+        let embed = candle_nn::Embedding::new(embed_weight, cfg.hidden_size);
+        return Ok((Embed::Table(embed), lm_head));
+    }
+    // Tied: one packed copy serves both the lookup and the output projection.
+    if let Some(packed) = PackedMatrix::pack(&embed_weight)? {
+        let packed = Arc::new(packed);
+        let lm_head = Proj::Packed {
+            weight: Arc::clone(&packed),
+            bias: None,
+        };
+        return Ok((Embed::Packed(packed), lm_head));
+    }
+    let lm_head = Proj::Dense(candle_nn::Linear::new(embed_weight.clone(), None));
+    let embed = candle_nn::Embedding::new(embed_weight, cfg.hidden_size);
+    Ok((Embed::Table(embed), lm_head))
+}
+
+/// The token embedding: candle's table, or rows read from the packed tied output projection.
+#[derive(Debug, Clone)]
+pub(crate) enum Embed {
+    /// `(vocab, hidden)` table.
+    Table(candle_nn::Embedding),
+    /// The tied `lm_head`, packed (see [`PackedMatrix::embed`]).
+    Packed(Arc<PackedMatrix>),
+}
+
+impl Embed {
+    /// `(tokens,)` u32 ids -> `(tokens, hidden)`.
+    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Table(table) => table.forward(ids),
+            Self::Packed(packed) => packed.embed(ids),
+        }
+    }
 }
 
 /// The logits of each sequence's last new token: gathers those rows of `xs` `(tokens, hidden)`, applies
@@ -55,14 +85,22 @@ pub(crate) fn last_token_logits(
     lm_head.forward(&norm.forward(&last)?)?.to_dtype(DType::F32)
 }
 
-/// Up to this many rows, dense CPU projections compute `(W x^T)^T` (see [`Proj::forward`]).
+/// Up to this many rows, dense CPU projections on candle's path compute `(W x^T)^T` (see
+/// [`Proj::forward`]).
 const SMALL_BATCH_ROWS: usize = 128;
 
 /// A linear projection `y = x W^T (+ b)`: dense weights or a GGUF quantized matrix.
 #[derive(Debug, Clone)]
 pub(crate) enum Proj {
-    /// Dense weights in the compute dtype.
+    /// Dense weights in the compute dtype (candle's matmul).
     Dense(candle_nn::Linear),
+    /// Dense f32 weights packed for wick's AVX-512 CPU kernel (see [`crate::models::cpu_matmul`]).
+    Packed {
+        /// The packed `(out, in)` matrix.
+        weight: Arc<PackedMatrix>,
+        /// Optional `(out,)` bias.
+        bias: Option<Tensor>,
+    },
     /// Quantized weights; input and output f32.
     Quantized {
         /// The quantized `(out, in + in_padding)` matrix.
@@ -88,7 +126,13 @@ impl Proj {
         } else {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
-        Ok(Self::Dense(linear))
+        match PackedMatrix::pack(linear.weight())? {
+            Some(packed) => Ok(Self::Packed {
+                weight: Arc::new(packed),
+                bias: linear.bias().cloned(),
+            }),
+            None => Ok(Self::Dense(linear)),
+        }
     }
 
     /// `(tokens, in)` -> `(tokens, out)`.
@@ -107,6 +151,13 @@ impl Proj {
                     }
                 } else {
                     linear.forward(xs)
+                }
+            }
+            Self::Packed { weight, bias } => {
+                let ys = weight.matmul_t(xs)?;
+                match bias {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
                 }
             }
             Self::Quantized {
@@ -202,7 +253,7 @@ impl Rotary {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             bail!("rotary dimension must be even and positive, got {rotary_dim}")
         }
         let base: Vec<f64> = (0..rotary_dim)
@@ -615,6 +666,9 @@ pub(crate) fn attend(
     let (k_cache, v_cache) = cache.layer(layer)?;
     let device = q.device();
 
+    if plan.all_decode && cpu_attention::applies(device, q.dtype()) {
+        return cpu_attention::decode_attention(q, plan.seqs, k_cache, v_cache, spec);
+    }
     if plan.all_decode {
         // Runs of ascending consecutive slots are read as strided views of the cache without a
         // copy; many scattered slots are gathered (copied) into one batch instead.

@@ -10,12 +10,13 @@
 //! Reference: transformers `models/llama/modeling_llama.py` (Touvron et al., 2023).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, RmsNorm, VarBuilder};
+use candle_nn::{Activation, RmsNorm, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Proj, Rotary, RotaryForPass,
+    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Embed, Proj, Rotary,
+    RotaryForPass,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -164,7 +165,7 @@ impl DecoderLayer {
 /// A Llama-family causal LM over an external KV cache.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    pub(crate) embed_tokens: Embedding,
+    pub(crate) embed_tokens: Embed,
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) norm: RmsNorm,
     pub(crate) lm_head: Proj,

@@ -74,6 +74,8 @@ pub trait CausalLm: Send {
 }
 
 pub mod config;
+pub(crate) mod cpu_attention;
+pub mod cpu_matmul;
 pub mod gemma2;
 pub mod gguf;
 pub(crate) mod layers;

@@ -8,12 +8,13 @@
 //! Reference: transformers `models/phi3/modeling_phi3.py` (Abdin et al., 2024).
 
 use candle_core::{Device, Module, Result, Tensor, D};
-use candle_nn::{Activation, Embedding, RmsNorm, VarBuilder};
+use candle_nn::{Activation, RmsNorm, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Proj, Rotary, RotaryForPass,
+    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Embed, Proj, Rotary,
+    RotaryForPass,
 };
 use crate::models::llama::model_info;
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
@@ -159,7 +160,7 @@ impl DecoderLayer {
 /// A Phi-3 causal LM over an external KV cache.
 #[derive(Debug, Clone)]
 pub struct Phi3 {
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Proj,

@@ -1,0 +1,494 @@
+//! Dense f32 projections `y = x W^T` on x86-64 CPUs with AVX-512: the weight is packed once at load
+//! into 16-row panels, and one register-blocked kernel serves every batch size, from the batch-1 decode
+//! step (memory-bound) to a 32-sequence decode step and prefill chunks (compute-bound).
+//!
+//! Why not candle's matmul: candle 0.11 calls the `gemm` crate, whose f32 kernels on stable Rust are
+//! AVX2 (8 lanes); on this kind of machine a 32-row decode step ran at ~75 GFLOP/s on one core, half
+//! of what AVX-512 FMA gives (see `docs/BENCHMARKS.md`).
+//!
+//! Layout: `W` is `(out, in)` row-major in the checkpoint. Packed, panel `p` holds rows
+//! `16p..16p+16` of `W` transposed, one 64-byte [`Lanes`] per input column: `panels[p * in + k].0[l] =
+//! W[16p + l, k]` (rows past `out` are zero). The kernel keeps `MR x NP` accumulators of 16 outputs
+//! (`MR` rows of `x`, `NP` panels), and for every `k` loads `NP` panel vectors and broadcasts `MR`
+//! values of `x`: no horizontal sums, contiguous weight reads.
+//!
+//! Batch invariance: every output element is one FMA chain over `k = 0..in` in order, whatever the
+//! number of rows, the tile a row lands in, or the thread count. So a sequence gets bit-identical logits
+//! alone or in any batch (`tests` below checks this exactly), which candle's matmul does not promise.
+//!
+//! The tied embedding reads token rows straight from the packed output projection ([`PackedMatrix::
+//! embed`]), so packing costs no extra memory. Other CPUs, other dtypes and CUDA keep candle's path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+
+/// Lanes of one AVX-512 f32 vector, and rows of `W` per panel.
+const LANES: usize = 16;
+/// Most rows of `x` per kernel call (`MR_MAX x 2` accumulators + 2 weight vectors + 1 broadcast fit
+/// the 32 vector registers).
+const MR_MAX: usize = 12;
+/// Below this many multiply-adds a matmul runs on the calling thread (thread hand-off costs more).
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// `false` turns the packed kernels off process-wide (checkpoints loaded afterwards use candle's
+/// matmul); for comparisons and as an escape hatch (`WICK_CPU_MATMUL=candle`).
+static PACKED_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Which implementation dense f32 CPU projections use for models loaded from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMatmul {
+    /// wick's packed AVX-512 kernels when the CPU has AVX-512F, candle's matmul otherwise.
+    Auto,
+    /// Always candle's matmul.
+    Candle,
+}
+
+/// Sets the implementation for models loaded after this call.
+pub fn set_cpu_matmul(choice: CpuMatmul) {
+    PACKED_ENABLED.store(choice == CpuMatmul::Auto, Ordering::Relaxed);
+}
+
+/// Whether a weight loaded now on `device` in `dtype` would use the packed kernels.
+pub fn packed_kernels_apply(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu()
+        && dtype == DType::F32
+        && PACKED_ENABLED.load(Ordering::Relaxed)
+        && cpu_has_avx512f()
+}
+
+fn cpu_has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// 16 f32 values on one 64-byte line: one input column of one panel.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+struct Lanes([f32; LANES]);
+
+/// A `(rows, cols)` f32 matrix packed for [`PackedMatrix::matmul_t`] (see the module docs).
+pub(crate) struct PackedMatrix {
+    /// `(panels, cols)` lane blocks.
+    panels: Vec<Lanes>,
+    /// `out` of the projection (rows of `W`).
+    rows: usize,
+    /// `in` of the projection (columns of `W`).
+    cols: usize,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedMatrix {
+    /// Packs `w` `(rows, cols)`. `None` when the packed kernels do not apply to it (see
+    /// [`packed_kernels_apply`]); the caller keeps candle's path.
+    pub(crate) fn pack(w: &Tensor) -> Result<Option<Self>> {
+        if w.rank() != 2 || !packed_kernels_apply(w.device(), w.dtype()) {
+            return Ok(None);
+        }
+        let (rows, cols) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?; // (rows * cols), row-major
+        let n_panels = rows.div_ceil(LANES);
+        let mut panels = vec![Lanes([0.0; LANES]); n_panels * cols];
+        for (row, row_values) in values.chunks_exact(cols.max(1)).enumerate() {
+            let (panel, lane) = (row / LANES, row % LANES);
+            let blocks = &mut panels[panel * cols..(panel + 1) * cols];
+            for (block, &value) in blocks.iter_mut().zip(row_values) {
+                block.0[lane] = value;
+            }
+        }
+        Ok(Some(Self { panels, rows, cols }))
+    }
+
+    /// `(rows, cols)` of the unpacked matrix.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// `xs (m, cols) -> xs W^T (m, rows)`, f32 on CPU. `xs` may be any layout (made contiguous).
+    pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.contiguous()?.apply_op1_no_bwd(&MatmulT { weight: self })
+    }
+
+    /// Rows `ids` of the unpacked matrix: `(ids.len(), cols)` (an embedding lookup).
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in &ids {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!(
+                    "token id {id} is outside the embedding ({} rows)",
+                    self.rows
+                );
+            }
+            let (panel, lane) = (id / LANES, id % LANES);
+            let blocks = &self.panels[panel * self.cols..(panel + 1) * self.cols];
+            out.extend(blocks.iter().map(|block| block.0[lane]));
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
+    }
+
+    /// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads.
+    fn matmul_into(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
+        assert_eq!(a.len(), m * self.cols, "a is (m, cols)");
+        assert_eq!(c.len(), m * self.rows, "c is (m, rows)");
+        let n_panels = self.rows.div_ceil(LANES);
+        if m == 0 || n_panels == 0 {
+            return;
+        }
+        if self.cols == 0 {
+            c.fill(0.0);
+            return;
+        }
+        // Work is split in pairs of panels (the kernel's widest tile), contiguous per thread.
+        let pairs = n_panels.div_ceil(2);
+        let threads = threads.clamp(1, pairs);
+        let out = OutPtr(c.as_mut_ptr());
+        if threads == 1 || m * self.rows * self.cols < PARALLEL_MIN_MACS {
+            // SAFETY: `out` points at `c`, (m, rows), exclusively borrowed here; panels in range.
+            unsafe { self.run_panels(a, m, out, 0, n_panels) };
+            return;
+        }
+        rayon::scope(|scope| {
+            for t in 0..threads {
+                let first = (pairs * t / threads) * 2;
+                let end = ((pairs * (t + 1) / threads) * 2).min(n_panels);
+                scope.spawn(move |_| {
+                    // SAFETY: each task writes only the columns of its own panels `first..end`
+                    // (disjoint across tasks) of `c`, which outlives the scope.
+                    unsafe { self.run_panels(a, m, out, first, end) }
+                });
+            }
+        });
+    }
+
+    /// Computes output columns `16 * first .. 16 * end` (clipped to `rows`) of all `m` rows.
+    ///
+    /// # Safety
+    /// `out` must point at an `(m, rows)` buffer that no one else reads or writes in those columns
+    /// meanwhile; `first <= end <= panels`.
+    unsafe fn run_panels(&self, a: &[f32], m: usize, out: OutPtr, first: usize, end: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut panel = first;
+            while panel < end {
+                let np = (end - panel).min(2);
+                let mut row = 0;
+                while row < m {
+                    let mr = (m - row).min(MR_MAX);
+                    let tile = Tile {
+                        a: a.as_ptr().add(row * self.cols),
+                        b: self.panels.as_ptr().add(panel * self.cols),
+                        k: self.cols,
+                        c: out.0.add(row * self.rows + panel * LANES),
+                        ldc: self.rows,
+                        valid: self.rows - panel * LANES,
+                    };
+                    if np == 2 {
+                        avx512::dispatch::<2>(mr, &tile);
+                    } else {
+                        avx512::dispatch::<1>(mr, &tile);
+                    }
+                    row += mr;
+                }
+                panel += np;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (a, m, out, first, end);
+            unreachable!("PackedMatrix::pack returns None off x86-64");
+        }
+    }
+}
+
+/// The output buffer shared by the tasks of one matmul (each writes its own columns).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint columns (see `matmul_into`) and the scope joins them before `c` is
+// used again.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// One kernel call: `MR` rows of `x` against `NP` panels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Tile {
+    /// First row of `x` (row stride `k`).
+    a: *const f32,
+    /// First panel (panel stride `k` lane blocks).
+    b: *const Lanes,
+    /// Input columns.
+    k: usize,
+    /// Output of the first row, first panel column (row stride `ldc`).
+    c: *mut f32,
+    /// Row stride of the output.
+    ldc: usize,
+    /// Output columns from the first panel's first column to the end of the row.
+    valid: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, __mmask16, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_storeu_ps, _mm512_set1_ps,
+        _mm512_setzero_ps,
+    };
+
+    use super::{Tile, LANES};
+
+    /// Runs the `(mr, NP)` kernel; `mr` in `1..=MR_MAX`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (checked when the matrix was packed) and `tile` describes valid buffers.
+    pub(super) unsafe fn dispatch<const NP: usize>(mr: usize, tile: &Tile) {
+        match mr {
+            1 => kernel::<1, NP>(tile),
+            2 => kernel::<2, NP>(tile),
+            3 => kernel::<3, NP>(tile),
+            4 => kernel::<4, NP>(tile),
+            5 => kernel::<5, NP>(tile),
+            6 => kernel::<6, NP>(tile),
+            7 => kernel::<7, NP>(tile),
+            8 => kernel::<8, NP>(tile),
+            9 => kernel::<9, NP>(tile),
+            10 => kernel::<10, NP>(tile),
+            11 => kernel::<11, NP>(tile),
+            _ => kernel::<12, NP>(tile),
+        }
+    }
+
+    /// `MR x (16 NP)` outputs: for each `k`, `NP` aligned panel loads, `MR` broadcasts, `MR x NP` FMAs.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel<const MR: usize, const NP: usize>(tile: &Tile) {
+        let k = tile.k;
+        let mut acc: [[__m512; NP]; MR] = [[_mm512_setzero_ps(); NP]; MR];
+        for kk in 0..k {
+            let mut weights: [__m512; NP] = [_mm512_setzero_ps(); NP];
+            for (j, w) in weights.iter_mut().enumerate() {
+                // Lane blocks are 64-byte aligned (`Lanes` is `align(64)`).
+                *w = _mm512_load_ps(tile.b.add(j * k + kk).cast::<f32>());
+            }
+            for (i, row_acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*tile.a.add(i * k + kk));
+                for (j, lane_acc) in row_acc.iter_mut().enumerate() {
+                    *lane_acc = _mm512_fmadd_ps(x, weights[j], *lane_acc);
+                }
+            }
+        }
+        for (i, row_acc) in acc.iter().enumerate() {
+            for (j, lane_acc) in row_acc.iter().enumerate() {
+                let valid = tile.valid.saturating_sub(j * LANES).min(LANES);
+                let mask: __mmask16 = if valid == LANES {
+                    u16::MAX
+                } else {
+                    (1u16 << valid) - 1
+                };
+                _mm512_mask_storeu_ps(tile.c.add(i * tile.ldc + j * LANES), mask, *lane_acc);
+            }
+        }
+    }
+}
+
+/// `x W^T` as a candle op over a packed `W`.
+struct MatmulT<'w> {
+    weight: &'w PackedMatrix,
+}
+
+impl candle_core::CustomOp1 for MatmulT<'_> {
+    fn name(&self) -> &'static str {
+        "wick-packed-matmul-t"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("packed matmul takes f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed matmul needs a contiguous input");
+        };
+        let dims = layout.dims();
+        let (rows, cols) = self.weight.dims();
+        let Some((&in_dim, batch_dims)) = dims.split_last() else {
+            candle_core::bail!("packed matmul needs at least one dimension");
+        };
+        if in_dim != cols {
+            candle_core::bail!("packed matmul: input has {in_dim} columns, the weight {cols}");
+        }
+        let m: usize = batch_dims.iter().product();
+        let mut out = vec![0f32; m * rows];
+        self.weight.matmul_into(
+            &values[start..end],
+            m,
+            &mut out,
+            candle_core::utils::get_num_threads(),
+        );
+        let mut out_dims = batch_dims.to_vec();
+        out_dims.push(rows);
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use candle_core::Device;
+
+    /// Deterministic values in [-1, 1) (xorshift), so failures reproduce.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn packed(rows: usize, cols: usize, seed: u64) -> Option<(PackedMatrix, Vec<f32>)> {
+        let w = values(rows * cols, seed);
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let Some(p) = PackedMatrix::pack(&t).unwrap() else {
+            eprintln!("skipped: this CPU has no AVX-512F, the packed kernels are not used here");
+            return None;
+        };
+        Some((p, w))
+    }
+
+    /// `x W^T` summed in f64, the reference.
+    fn reference(a: &[f32], w: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * rows];
+        for i in 0..m {
+            for r in 0..rows {
+                out[i * rows + r] = (0..cols)
+                    .map(|k| f64::from(a[i * cols + k]) * f64::from(w[r * cols + k]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_an_f64_reference_for_ragged_shapes() {
+        for &(m, rows, cols) in &[
+            (1, 16, 1),
+            (1, 17, 7),
+            (2, 40, 64),
+            (5, 33, 577),
+            (12, 48, 96),
+            (13, 576, 64),
+            (32, 192, 576),
+            (37, 50, 130),
+        ] {
+            let Some((p, w)) = packed(rows, cols, (m * 1000 + rows + cols) as u64) else {
+                return;
+            };
+            let a = values(m * cols, 7 + m as u64);
+            for threads in [1, 2, 3] {
+                let mut c = vec![f32::NAN; m * rows];
+                p.matmul_into(&a, m, &mut c, threads);
+                for (got, want) in c.iter().zip(reference(&a, &w, m, rows, cols)) {
+                    let tolerance = 1e-5 * (cols as f64).sqrt() + 1e-6;
+                    assert!(
+                        (f64::from(*got) - want).abs() <= tolerance,
+                        "m={m} rows={rows} cols={cols} threads={threads}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_row_is_bit_identical_alone_and_in_any_batch_or_thread_count() {
+        let (rows, cols, m) = (200, 300, 29);
+        let Some((p, _)) = packed(rows, cols, 3) else {
+            return;
+        };
+        let a = values(m * cols, 11);
+        let mut batched = vec![0f32; m * rows];
+        p.matmul_into(&a, m, &mut batched, 2);
+        for i in 0..m {
+            let mut alone = vec![0f32; rows];
+            p.matmul_into(&a[i * cols..(i + 1) * cols], 1, &mut alone, 1);
+            assert_eq!(
+                alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                batched[i * rows..(i + 1) * rows]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "row {i} differs between batch 1 and batch {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_op_and_embedding_read_the_original_matrix() {
+        let (rows, cols) = (70, 24);
+        let Some((p, w)) = packed(rows, cols, 5) else {
+            return;
+        };
+        let ids = Tensor::new(&[0u32, 69, 16, 15, 33], &Device::Cpu).unwrap();
+        let rows_got = p.embed(&ids).unwrap().to_vec2::<f32>().unwrap();
+        for (got, id) in rows_got.iter().zip([0usize, 69, 16, 15, 33]) {
+            assert_eq!(got.as_slice(), &w[id * cols..(id + 1) * cols]);
+        }
+        let bad = Tensor::new(&[70u32], &Device::Cpu).unwrap();
+        assert!(
+            p.embed(&bad).is_err(),
+            "an id past the last row is an error"
+        );
+
+        // (2, 3, cols) input: leading dims are kept; a transposed view is made contiguous first.
+        let x = Tensor::from_vec(values(6 * cols, 9), (2, 3, cols), &Device::Cpu).unwrap();
+        let y = p.matmul_t(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 3, rows]);
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let want = x.broadcast_matmul(&wt.t().unwrap()).unwrap();
+        let diff = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "max diff {diff}");
+        let xt = Tensor::from_vec(values(cols * 4, 13), (cols, 4), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert_eq!(p.matmul_t(&xt).unwrap().dims(), &[4, rows]);
+        let wrong = Tensor::zeros((2, cols + 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            p.matmul_t(&wrong).is_err(),
+            "a column-count mismatch is an error"
+        );
+    }
+
+    #[test]
+    fn candle_choice_and_other_dtypes_are_not_packed() {
+        let w = Tensor::zeros((32, 32), DType::F16, &Device::Cpu).unwrap();
+        assert!(PackedMatrix::pack(&w).unwrap().is_none());
+        assert!(!packed_kernels_apply(&Device::Cpu, DType::BF16));
+    }
+}
