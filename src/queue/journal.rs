@@ -465,6 +465,9 @@ impl Journal {
         if self.path_for(&file.entry.job_id) != path {
             return Err(corrupt("file name does not match its job id".into()));
         }
+        if !valid_owner(&file.entry.owner) {
+            return Err(corrupt("invalid owner token".into()));
+        }
         Ok(file.entry)
     }
 
@@ -486,13 +489,7 @@ impl Journal {
         }
         let now = now_ms();
         for (owner, paths) in &by_owner {
-            if owner.as_str() == &*self.owner || !valid_owner(owner) {
-                if owner.as_str() != &*self.owner {
-                    warn!(
-                        file_count = paths.len(),
-                        "journal entries with an invalid owner token: left alone"
-                    );
-                }
+            if owner.as_str() == &*self.owner {
                 recovery.live += paths.len() as u64;
                 continue;
             }
@@ -778,8 +775,12 @@ mod tests {
         let entry = journal.entry_for("d", ENDPOINT, Value::Null);
         let path = journal.record(&entry).unwrap();
         fs::rename(&path, tmp.path().join(format!("{}.taken", job_hash("e")))).unwrap();
+        // An owner token that is no file name.
+        let mut entry = journal.entry_for("f", ENDPOINT, Value::Null);
+        entry.owner = "../../x".into();
+        journal.record(&entry).unwrap();
         let found = journal.recover(ENDPOINT).unwrap();
-        assert_eq!((found.corrupt, found.unknown), (3, 1));
+        assert_eq!((found.corrupt, found.unknown), (4, 1));
         assert_eq!(journal.entries().unwrap().len(), 1);
     }
 
