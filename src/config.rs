@@ -141,6 +141,12 @@ pub struct Config {
     /// container disk: `BASE_PATH` is often a network volume shared by several workers).
     #[arg(long, env = "WICK_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// A job a killed worker left unfinished (found in the taken-job journal in the spool
+    /// directory at the next start) is run again when it was taken at most this many seconds ago
+    /// (and within `REQUEST_TIMEOUT_SECS`) and nothing of it was streamed yet; otherwise it is
+    /// reported failed (`worker_restarted`). 0: never run again, always report.
+    #[arg(long, env = "WICK_RESUME_MAX_AGE_SECS", default_value_t = 300)]
+    pub resume_max_age_secs: u64,
     /// Longest one engine step may run before the engine counts as wedged (health fails, the
     /// queue worker stops taking jobs, fails the in-flight ones and exits non-zero).
     #[arg(long, env = "ENGINE_STEP_TIMEOUT_SECS", default_value_t = 120)]

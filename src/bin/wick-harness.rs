@@ -2,6 +2,8 @@
 //!
 //! - `run-tests`: runs every payload in `handler-tests/` through the queue and checks each result.
 //! - `load --jobs N --concurrency C`: throughput, p50/p99 latency, lost jobs (must be 0).
+//! - `kill --trials N`: SIGKILL the worker at a random moment during generation, restart it on the
+//!   same spool directory, N times; every job must still end (completed, or failed with a reason).
 //! - `serve`: only the platform, for a worker started by hand.
 //!
 //! Fault flags (`--fail-done-pct`, `--drop-done-pct`, `--fail-stream-pct`, `--fail-take-pct`,
@@ -20,8 +22,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 use wick::harness::{
-    load_cases, run_load, run_tests, Faults, LoadOptions, LoadReport, Platform, PlatformConfig,
-    RunTestsReport, SessionOptions, SigtermPlan, WorkerLaunch,
+    load_cases, run_kill, run_load, run_tests, Faults, KillOptions, KillReport, LoadOptions,
+    LoadReport, Platform, PlatformConfig, RunTestsReport, SessionOptions, SigtermPlan,
+    WorkerLaunch,
 };
 
 #[derive(Debug, Parser)]
@@ -71,6 +74,27 @@ enum HarnessCommand {
         /// Send SIGTERM at a random moment up to this many milliseconds.
         #[arg(long)]
         sigterm_random_ms: Option<u64>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// SIGKILL the worker at random moments during generation and restart it, N times; report how
+    /// every job ended (none may be lost).
+    Kill {
+        /// Kills (each followed by a restart).
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Jobs submitted at the start of each trial.
+        #[arg(long, default_value_t = 4)]
+        jobs_per_trial: usize,
+        /// Job input (JSON), repeatable: used in turn (default: one plain and one streaming job).
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        /// Kill at a random moment up to this many ms after the trial's generation started.
+        #[arg(long, default_value_t = 1000)]
+        kill_within_ms: u64,
+        /// How long the last worker gets to finish every job, in seconds.
+        #[arg(long, default_value_t = 300)]
+        finish_timeout_secs: u64,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -241,6 +265,52 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 && report.taken_after_sigterm == 0
                 && worker_ok)
         }
+        HarnessCommand::Kill {
+            trials,
+            jobs_per_trial,
+            inputs,
+            kill_within_ms,
+            finish_timeout_secs,
+            common,
+        } => {
+            if common.external {
+                bail!("kill runs need workers started by the harness (not --external)");
+            }
+            let inputs = if inputs.is_empty() {
+                vec![
+                    r#"{"prompt": "Hello", "sampling_params": {"max_tokens": 256, "ignore_eos": true}}"#.to_owned(),
+                    r#"{"prompt": "Hello", "stream": true, "sampling_params": {"max_tokens": 256, "ignore_eos": true}}"#.to_owned(),
+                ]
+            } else {
+                inputs
+            };
+            let inputs = inputs
+                .iter()
+                .map(|i| serde_json::from_str(i).context("--input is not JSON"))
+                .collect::<anyhow::Result<Vec<Value>>>()?;
+            let session = session_options(&common)?;
+            let worker = session
+                .worker
+                .context("kill runs need a worker started by the harness")?;
+            let options = KillOptions {
+                platform: session.platform,
+                bind: session.bind,
+                worker,
+                trials,
+                jobs_per_trial,
+                inputs,
+                kill_within: Duration::from_millis(kill_within_ms),
+                startup_timeout: session.startup_timeout,
+                finish_timeout: Duration::from_secs(finish_timeout_secs),
+                seed: common.faults.seed,
+            };
+            let report = run_kill(&options).await?;
+            print_kill(&report);
+            if common.json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(report.passed())
+        }
         HarnessCommand::Serve { port, poll_hold_ms } => {
             let config = PlatformConfig {
                 poll_hold: Duration::from_millis(poll_hold_ms),
@@ -355,6 +425,37 @@ fn print_load(report: &LoadReport) {
         );
     }
     println!("worker exit: {}", exit_text(report.worker_exit));
+}
+
+fn print_kill(report: &KillReport) {
+    let a = &report.after_kill;
+    let failed: Vec<String> = a.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "kills: {} trials, {} with jobs in progress; a killed worker's jobs resolved after a restart in p50 {} ms, max {} ms",
+        report.trials, report.kills_mid_generation, report.resolved_p50_ms, report.resolved_max_ms
+    );
+    println!(
+        "jobs in progress at a kill: {}: completed after a restart {}, failed {} ({}), lost {}",
+        a.in_flight,
+        a.completed,
+        a.failed.values().sum::<usize>(),
+        if failed.is_empty() {
+            "-".to_owned()
+        } else {
+            failed.join(", ")
+        },
+        a.lost
+    );
+    for (message, count) in &a.failed_messages {
+        println!("  {count} failed with: {message}");
+    }
+    print_jobs(&report.jobs, report.platform.conflicting_results);
+    println!(
+        "platform: {} repeated result posts; last worker exit: {}; {:.1} s",
+        report.platform.repeated_done_posts,
+        exit_text(report.final_worker_exit),
+        report.wall_secs
+    );
 }
 
 fn print_jobs(jobs: &wick::harness::session::JobSummary, conflicting: usize) {

@@ -11,13 +11,16 @@
 //! - `routes`: the HTTP routes.
 //! - [`cases`]: `handler-tests/*.json` loading and checking.
 //! - [`session`]: worker process control, `run-tests`, `load`, reports.
+//! - [`kill`]: `kill`, SIGKILL mid-generation and restart, N times (fault Q6).
 
 pub mod cases;
+pub mod kill;
 pub mod platform;
 mod routes;
 pub mod session;
 
 pub use cases::{load_cases, HandlerCase, NamedCase};
+pub use kill::{run_kill, AfterKill, KillOptions, KillReport};
 pub use platform::{
     Faults, JobRecord, JobStatus, Platform, PlatformConfig, RecordedRequest, Route, RunningPlatform,
 };

@@ -35,7 +35,7 @@ pub struct WorkerLaunch {
     pub args: Vec<String>,
     /// Extra environment (e.g. `MODEL_NAME`).
     pub env: Vec<(String, String)>,
-    /// Where the worker's stderr goes (inherited when `None`).
+    /// Where the worker's stderr goes, appended (inherited when `None`).
     pub log: Option<PathBuf>,
     /// `RUNPOD_PING_INTERVAL` in ms.
     pub ping_interval_ms: u64,
@@ -73,7 +73,13 @@ impl WorkerProcess {
             .kill_on_drop(true);
         match &launch.log {
             Some(path) => {
-                command.stderr(std::fs::File::create(path)?);
+                // Appended: a kill run starts many workers on one log.
+                command.stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)?,
+                );
             }
             None => {
                 command.stderr(Stdio::inherit());
@@ -102,6 +108,14 @@ impl WorkerProcess {
         } else {
             Err(std::io::Error::last_os_error())
         }
+    }
+
+    /// Sends SIGKILL (the process gets no chance to clean up: an OOM kill or a node eviction).
+    ///
+    /// # Errors
+    /// When the process is gone or the signal cannot be sent.
+    pub fn sigkill(&mut self) -> std::io::Result<()> {
+        self.child.start_kill()
     }
 
     /// Waits for the process to exit; kills it after `timeout`. `None` when it had to be killed.

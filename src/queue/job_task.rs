@@ -1,9 +1,10 @@
-//! One job's life in the worker: run it (stream chunks posted in order while it runs), stop it
-//! (job-stop, deadline, shutdown grace), then deliver its final body, with a small error report
-//! in place of a result that cannot be delivered (faults Q2, Q3, Q5, Q7, Q14).
+//! One job's life in the worker: journal it, run it (stream chunks posted in order while it runs,
+//! the journal told before the first one), stop it (job-stop, deadline, shutdown grace), then
+//! deliver its final body, with a small error report in place of a result that cannot be
+//! delivered, and drop its journal entry (faults Q2, Q3, Q5, Q6, Q7, Q14).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -17,6 +18,22 @@ use super::wire::{self, TakenJob};
 use super::worker::{Counters, Shared, MAX_RESULT_BYTES, MAX_STREAM_CHUNK_BYTES};
 use super::{JobRunner, JobSpec};
 use crate::error::JobError;
+
+/// `error_type` of a job a killed worker left unfinished and its successor did not run again.
+pub(super) const WORKER_RESTARTED: &str = "worker_restarted";
+
+/// How a job task starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start {
+    /// Just taken: journaled before anything else, then run with the full job deadline.
+    Taken,
+    /// A killed worker's job claimed from the journal (its entry already names this process):
+    /// run again within what is left of its deadline.
+    Resumed {
+        /// Deadline left for this run.
+        time_left: Duration,
+    },
+}
 
 /// How a job's run ended.
 enum Ending {
@@ -34,8 +51,17 @@ pub(super) async fn run_job_task<R: JobRunner>(
     permit: Option<OwnedSemaphorePermit>,
     cancel: CancellationToken,
     semaphore: Arc<Semaphore>,
+    start: Start,
 ) {
     let id = job.id.clone();
+    // Before any work: a kill from here on leaves the job to the next worker on this directory.
+    let (journaled, deadline) = match start {
+        Start::Taken => (
+            journal_record(&shared, &job).await,
+            shared.settings.job_timeout,
+        ),
+        Start::Resumed { time_left } => (shared.journal.is_some(), time_left),
+    };
     // A job beyond the slots we asked for (the platform sent more) waits for a free slot.
     let _permit = match permit {
         Some(permit) => Some(permit),
@@ -52,7 +78,7 @@ pub(super) async fn run_job_task<R: JobRunner>(
     } else if shared.grace_expired.is_cancelled() {
         Ending::GraceExpired
     } else {
-        execute(&shared, job, &cancel).await
+        execute(&shared, job, &cancel, deadline, journaled).await
     };
     // Whatever ended the run, make sure generation stops.
     cancel.cancel();
@@ -62,6 +88,7 @@ pub(super) async fn run_job_task<R: JobRunner>(
         {
             Counters::bump(&shared.counters.stopped);
             info!("stopped by the job-stop channel; no result posted");
+            journal_remove(&shared, &id).await;
             shared.table.remove(&id);
             return;
         }
@@ -99,6 +126,7 @@ pub(super) async fn run_job_task<R: JobRunner>(
         }
     };
     deliver_final(&shared, &id, body).await;
+    journal_remove(&shared, &id).await;
     shared.table.remove(&id);
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -112,6 +140,8 @@ async fn execute<R: JobRunner>(
     shared: &Shared<R>,
     job: TakenJob,
     cancel: &CancellationToken,
+    deadline: Duration,
+    journaled: bool,
 ) -> Ending {
     let id = job.id.clone();
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Value>(shared.settings.chunk_buffer.max(1));
@@ -125,9 +155,15 @@ async fn execute<R: JobRunner>(
     );
     let poster = async {
         let mut sequence = 0u64;
+        let mut marked = !journaled;
         while let Some(chunk) = chunk_rx.recv().await {
             sequence += 1;
             if shared.streams {
+                if !marked {
+                    // Output is about to leave: a restart must not run the job again.
+                    marked = true;
+                    journal_mark_streamed(shared, &id).await;
+                }
                 post_chunk(shared, &id, sequence, chunk).await;
             }
         }
@@ -138,7 +174,7 @@ async fn execute<R: JobRunner>(
         () = cancel.cancelled() => Ending::Stopped,
         () = shared.runner_failed.cancelled() => Ending::RunnerFailed,
         () = shared.grace_expired.cancelled() => Ending::GraceExpired,
-        finished = tokio::time::timeout(shared.settings.job_timeout, work) => match finished {
+        finished = tokio::time::timeout(deadline, work) => match finished {
             Ok(result) => Ending::Finished(result),
             Err(_elapsed) => Ending::TimedOut,
         },
@@ -185,6 +221,78 @@ pub(super) async fn report_failure<R>(shared: Arc<Shared<R>>, id: String, error:
         &shared.identity,
     );
     deliver_final(&shared, &id, body).await;
+}
+
+/// Reports a job a killed worker left unfinished as failed (`worker_restarted`, retryable) without
+/// running it, then drops its journal entry and its table slot.
+pub(super) async fn report_restarted<R>(shared: Arc<Shared<R>>, id: String, message: String) {
+    info!(error_type = WORKER_RESTARTED, %message, "job of a killed worker reported failed");
+    let body = wire::error_body(WORKER_RESTARTED, &message, true, &shared.identity);
+    deliver_final(&shared, &id, body).await;
+    journal_remove(&shared, &id).await;
+    shared.table.remove(&id);
+}
+
+/// Journals a just-taken job; false (logged) when there is no journal or the entry could not be
+/// written (the job still runs, unprotected against a kill).
+async fn journal_record<R>(shared: &Shared<R>, job: &TakenJob) -> bool {
+    let Some(journal) = shared.journal.clone() else {
+        return false;
+    };
+    let entry = journal.entry_for(&job.id, &shared.spool_endpoint, job.input.clone());
+    match tokio::task::spawn_blocking(move || journal.record(&entry)).await {
+        Ok(Ok(_path)) => true,
+        Ok(Err(error)) => {
+            if let Some(suppressed) = shared.log_limit.allow("journal record failed") {
+                warn!(%error, suppressed, "job not journaled: a kill during it would leave it to the platform's timeout");
+            }
+            false
+        }
+        Err(error) => {
+            warn!(%error, "journal task failed; job not journaled");
+            false
+        }
+    }
+}
+
+/// Marks a journaled job as streamed. When the marker cannot be written the entry is dropped
+/// instead: a job lost to a kill is better than one whose stream a restart would send twice.
+async fn journal_mark_streamed<R>(shared: &Shared<R>, id: &str) {
+    let Some(journal) = shared.journal.clone() else {
+        return;
+    };
+    let owned = id.to_owned();
+    let outcome = tokio::task::spawn_blocking(move || {
+        journal.mark_streamed(&owned).or_else(|error| {
+            warn!(%error, "journal marker not written: dropping the entry (the job is no longer protected against a kill)");
+            journal.remove(&owned)
+        })
+    })
+    .await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            error!(job_id = %log_safe(id), %error, "journal entry of a streaming job could not be marked or removed");
+        }
+        Err(error) => {
+            error!(job_id = %log_safe(id), %error, "journal marker task failed");
+        }
+    }
+}
+
+/// Deletes a job's journal entry (its result was delivered, spooled or given up on).
+pub(super) async fn journal_remove<R>(shared: &Shared<R>, id: &str) {
+    let Some(journal) = shared.journal.clone() else {
+        return;
+    };
+    let owned = id.to_owned();
+    match tokio::task::spawn_blocking(move || journal.remove(&owned)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            warn!(job_id = %log_safe(id), %error, "journal entry could not be removed")
+        }
+        Err(error) => warn!(job_id = %log_safe(id), %error, "journal removal task failed"),
+    }
 }
 
 /// Writes a final body to the spool (when there is one) before it is posted; a failure is
@@ -234,6 +342,10 @@ async fn deliver_final<R>(shared: &Shared<R>, id: &str, body: Value) {
         PostOutcome::Rejected { status: 413 }
     } else {
         spooled = spool_store(shared, id, &text).await;
+        if spooled {
+            // The spool now carries the job to its end, across restarts too.
+            journal_remove(shared, id).await;
+        }
         shared
             .client
             .post_done(id, &text, true, shared.settings.result_retry)

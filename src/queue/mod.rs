@@ -19,11 +19,13 @@
 //! - `job_task`: one job's run, stream posts and final delivery.
 //! - [`log_limit`]: rate-limited warnings, outside strings cut and escaped for logs.
 //! - [`spool`]: final results on disk until acknowledged, replayed at start and shutdown.
+//! - [`journal`]: taken jobs on disk until resolved, so a restart after a kill runs or reports them.
 //! - [`oneshot`]: `--test-input` / `test_input.json`.
 
 pub mod backoff;
 pub mod client;
 mod job_task;
+pub mod journal;
 pub mod log_limit;
 pub mod oneshot;
 mod ping;

@@ -41,7 +41,7 @@ const MAX_ENTRY_FILE_BYTES: u64 = 6 * MAX_RESULT_BYTES as u64 + 64 * 1024;
 const TEMP_PREFIX: &str = ".tmp-";
 
 /// Where and how much to spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolSettings {
     /// The spool directory (created 0700 when missing).
     pub dir: PathBuf,
@@ -49,6 +49,9 @@ pub struct SpoolSettings {
     pub max_entries: usize,
     /// Most bytes kept (entry files together).
     pub max_bytes: u64,
+    /// The taken-job journal kept in the same directory (`None`: no journal; a job in flight when
+    /// the process is killed is then lost to the worker).
+    pub journal: Option<super::journal::JournalSettings>,
 }
 
 impl SpoolSettings {
@@ -58,6 +61,7 @@ impl SpoolSettings {
             dir: dir.into(),
             max_entries: DEFAULT_MAX_ENTRIES,
             max_bytes: DEFAULT_MAX_BYTES,
+            journal: Some(super::journal::JournalSettings::default()),
         }
     }
 
@@ -67,7 +71,13 @@ impl SpoolSettings {
             .spool_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("wick-spool"));
-        SpoolSettings::in_dir(dir)
+        SpoolSettings {
+            journal: Some(super::journal::JournalSettings {
+                resume_max_age: std::time::Duration::from_secs(config.resume_max_age_secs),
+                ..super::journal::JournalSettings::default()
+            }),
+            ..SpoolSettings::in_dir(dir)
+        }
     }
 }
 
@@ -128,7 +138,7 @@ pub fn endpoint_digest(done_template: &str) -> String {
     hex(&Sha256::digest(done_template.as_bytes()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -153,24 +163,7 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Io`] when the directory cannot be created or set up.
     pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
-        let dir = &settings.dir;
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_error("create", dir))?;
-        // A symlink (e.g. planted in a shared temp directory) is refused; on a real directory the
-        // chmod succeeds only for its owner, so results never land in someone else's directory.
-        let meta = fs::symlink_metadata(dir).map_err(io_error("stat", dir))?;
-        if !meta.file_type().is_dir() {
-            return Err(SpoolError::Io {
-                what: "open",
-                path: dir.clone(),
-                source: std::io::Error::other("not a directory (symlinks are refused)"),
-            });
-        }
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_error("chmod", dir))?;
+        prepare_private_dir(&settings.dir)?;
         let spool = Spool {
             settings: Arc::new(settings),
             temp_counter: Arc::new(AtomicU64::new(0)),
@@ -333,6 +326,31 @@ impl Spool {
     }
 }
 
+/// Creates `dir` (0700) when missing, refuses a symlink or non-directory, and tightens its mode to
+/// 0700 (the chmod succeeds only for the directory's owner). Shared with the taken-job journal.
+///
+/// # Errors
+/// [`SpoolError::Io`] when the directory cannot be created or set up.
+pub(super) fn prepare_private_dir(dir: &Path) -> Result<(), SpoolError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error("create", dir))?;
+    // A symlink (e.g. planted in a shared temp directory) is refused; on a real directory the
+    // chmod succeeds only for its owner, so results never land in someone else's directory.
+    let meta = fs::symlink_metadata(dir).map_err(io_error("stat", dir))?;
+    if !meta.file_type().is_dir() {
+        return Err(SpoolError::Io {
+            what: "open",
+            path: dir.to_owned(),
+            source: std::io::Error::other("not a directory (symlinks are refused)"),
+        });
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error("chmod", dir))?;
+    Ok(())
+}
+
 /// What a replay pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -447,7 +465,7 @@ pub(super) async fn remove_logged(path: &Path) {
     }
 }
 
-fn remove_path(path: &Path) -> Result<(), SpoolError> {
+pub(super) fn remove_path(path: &Path) -> Result<(), SpoolError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -459,18 +477,21 @@ fn remove_path(path: &Path) -> Result<(), SpoolError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("sync", dir))
 }
 
-fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError {
+pub(super) fn io_error(
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> SpoolError {
     let path = path.to_owned();
     move |source| SpoolError::Io { what, path, source }
 }
 
-fn file_name(path: &Path) -> &str {
+pub(super) fn file_name(path: &Path) -> &str {
     path.file_name().and_then(|n| n.to_str()).unwrap_or("")
 }
 

@@ -1,8 +1,9 @@
 //! The queue worker: the take loop (permits from a semaphore of `MAX_CONCURRENCY`, batch take when
 //! several slots are free, aborted on shutdown), one task per job (stream chunks in order, then the
 //! final post, with a fallback error post when the result cannot be delivered), the job-stop loop,
-//! the heartbeat, the grace-bounded drain on shutdown, the result-spool replay, and the runner
-//! watchdog (spec §4, §5, §7, §9; faults Q1-Q8, Q13; checklist S14, S18, S21).
+//! the heartbeat, the grace-bounded drain on shutdown, the result-spool replay, the recovery of jobs
+//! a killed predecessor left in the taken-job journal, and the runner watchdog (spec §4, §5, §7,
+//! §9; faults Q1-Q8, Q13; checklist S14, S18, S21).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,13 +17,14 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::backoff::{Jitter, RetryPolicy};
 use super::client::{PlatformClient, QueueError, Timeouts};
-use super::job_task::{report_failure, run_job_task};
+use super::job_task::{journal_remove, report_failure, report_restarted, run_job_task, Start};
+use super::journal::{self, Journal, Orphan};
 use super::log_limit::{log_safe, LogLimiter};
 use super::ping::Heartbeat;
 use super::spool::{self, Spool, SpoolSettings};
 use super::table::JobTable;
 use super::urls::Endpoints;
-use super::wire::{TakeBatch, WorkerIdentity};
+use super::wire::{TakeBatch, TakenJob, WorkerIdentity};
 use super::JobRunner;
 use crate::config::{Config, RunpodEnv};
 use crate::error::JobError;
@@ -137,6 +139,11 @@ pub struct WorkerReport {
     pub undelivered: u64,
     /// Spooled results of an earlier run (or of this one, at shutdown) delivered by a replay.
     pub replayed: u64,
+    /// Jobs a killed earlier worker left in the journal, run again by this one.
+    pub resumed: u64,
+    /// Jobs a killed earlier worker left in the journal, reported failed (`worker_restarted`)
+    /// instead of run again (streamed output, too old, or already run again once).
+    pub restart_reported: u64,
     /// Set when the worker stopped because the runner became unhealthy (dead or wedged engine):
     /// the process should exit non-zero so the platform replaces the worker.
     pub runner_failure: Option<String>,
@@ -153,6 +160,8 @@ pub(super) struct Counters {
     pub(super) shutdown_failed: AtomicU64,
     pub(super) undelivered: AtomicU64,
     pub(super) replayed: AtomicU64,
+    pub(super) resumed: AtomicU64,
+    pub(super) restart_reported: AtomicU64,
 }
 
 impl Counters {
@@ -172,6 +181,8 @@ impl Counters {
             shutdown_failed: get(&self.shutdown_failed),
             undelivered: get(&self.undelivered),
             replayed: get(&self.replayed),
+            resumed: get(&self.resumed),
+            restart_reported: get(&self.restart_reported),
             runner_failure,
         }
     }
@@ -200,6 +211,8 @@ pub(super) struct Shared<R> {
     pub(super) streams: bool,
     /// Final results until acknowledged (`None` when disabled or it could not be opened).
     pub(super) spool: Option<Spool>,
+    /// Taken jobs until resolved (`None` when disabled or it could not be opened).
+    pub(super) journal: Option<Journal>,
 }
 
 /// Checks every platform URL template that is set (`RUNPOD_WEBHOOK_GET_JOB`, `_POST_OUTPUT`,
@@ -300,6 +313,26 @@ pub async fn run_worker<R: JobRunner>(
             }
         }
     };
+    let journal = match (
+        &spool,
+        settings.spool.as_ref().and_then(|s| s.journal.clone()),
+    ) {
+        (Some(spool), Some(journal_settings)) => {
+            let dir = spool.dir().to_owned();
+            match tokio::task::spawn_blocking(move || Journal::open(dir, journal_settings)).await {
+                Ok(Ok(journal)) => Some(journal),
+                Ok(Err(error)) => {
+                    warn!(%error, "taken-job journal unavailable: a job in flight when the worker is killed is lost to it");
+                    None
+                }
+                Err(error) => {
+                    warn!(%error, "taken-job journal could not be opened (task failed)");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         runner,
         client,
@@ -314,6 +347,7 @@ pub async fn run_worker<R: JobRunner>(
         spool_endpoint: spool::endpoint_digest(done),
         streams: stream.is_some(),
         spool,
+        journal,
     });
     let semaphore = Arc::new(Semaphore::new(shared.settings.max_concurrency));
     let tracker = TaskTracker::new();
@@ -327,12 +361,16 @@ pub async fn run_worker<R: JobRunner>(
         stop_loop_done.clone(),
     ));
 
-    // Results an earlier run could not deliver go out before any new job is taken.
+    // Jobs a killed predecessor left are claimed first (before the replay may deliver, and so
+    // delete, a result that makes an entry moot), then the undelivered results of an earlier run
+    // go out, then the claimed jobs are run again or reported: all before any new job is taken.
+    let orphans = recover_journal(&shared).await;
     tokio::select! {
         biased;
         () = stop_taking.cancelled() => {}
         () = replay_spool(&shared, shared.settings.result_retry) => {}
     }
+    resolve_orphans(&shared, orphans, &semaphore, &tracker);
     info!(
         max_concurrency = shared.settings.max_concurrency,
         "worker started; taking jobs"
@@ -348,6 +386,14 @@ pub async fn run_worker<R: JobRunner>(
     }
     if watchdog.await.is_err() {
         warn!("watchdog panicked");
+    }
+    if let Some(journal) = shared.journal.clone() {
+        if tokio::task::spawn_blocking(move || journal.close())
+            .await
+            .is_err()
+        {
+            warn!("journal close task failed");
+        }
     }
     let runner_failure = shared.runner_failure.get().cloned();
     if let Some(reason) = &runner_failure {
@@ -410,8 +456,153 @@ fn dispatch<R: JobRunner>(
         let permit = permits.pop();
         let span = info_span!("job", job_id = %log_safe(&job.id));
         tracker.spawn(
-            run_job_task(shared.clone(), job, permit, cancel, semaphore.clone()).instrument(span),
+            run_job_task(
+                shared.clone(),
+                job,
+                permit,
+                cancel,
+                semaphore.clone(),
+                Start::Taken,
+            )
+            .instrument(span),
         );
+    }
+}
+
+/// Claims the journal entries killed workers of this endpoint left behind ([`Journal::recover`]);
+/// those whose final body is in the result spool are dropped (the replay delivers them).
+async fn recover_journal<R>(shared: &Shared<R>) -> Vec<Orphan> {
+    let Some(journal) = shared.journal.clone() else {
+        return Vec::new();
+    };
+    let endpoint = shared.spool_endpoint.clone();
+    let recovery = match tokio::task::spawn_blocking(move || journal.recover(&endpoint)).await {
+        Ok(Ok(recovery)) => recovery,
+        Ok(Err(error)) => {
+            warn!(%error, "taken-job journal could not be read; jobs of a killed worker are not recovered");
+            return Vec::new();
+        }
+        Err(error) => {
+            warn!(%error, "taken-job journal task failed");
+            return Vec::new();
+        }
+    };
+    if recovery != journal::Recovery::default() {
+        info!(
+            claimed = recovery.claimed.len(),
+            live = recovery.live,
+            foreign = recovery.foreign,
+            expired = recovery.expired,
+            corrupt = recovery.corrupt,
+            unknown = recovery.unknown,
+            "taken-job journal: jobs of a killed worker found"
+        );
+    }
+    let mut orphans = Vec::new();
+    for orphan in recovery.claimed {
+        let in_spool = shared
+            .spool
+            .as_ref()
+            .is_some_and(|spool| spool.path_for(&orphan.entry.job_id).exists());
+        if in_spool {
+            info!(job_id = %log_safe(&orphan.entry.job_id),
+                "job of a killed worker already has its final body in the spool: replayed, not run again");
+            journal_remove(shared, &orphan.entry.job_id).await;
+        } else {
+            orphans.push(orphan);
+        }
+    }
+    orphans
+}
+
+/// What to do with a killed worker's job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resolution {
+    /// Run it again with this much of its deadline left.
+    Rerun(Duration),
+    /// Report it failed (`worker_restarted`) with this message.
+    Report(String),
+}
+
+/// Decides a killed worker's job: run it again only when nothing of it was streamed, it has not
+/// been run again before, and it was taken within the resume limit and the job deadline.
+fn resolve(
+    orphan: &Orphan,
+    settings: &WorkerSettings,
+    resume_max_age: Duration,
+    now_ms: u64,
+) -> Resolution {
+    let killed = "the worker was killed during this job and restarted";
+    let age = orphan.entry.age(now_ms);
+    let limit = resume_max_age.min(settings.job_timeout);
+    if orphan.streamed {
+        Resolution::Report(format!(
+            "{killed}; the job was not run again because part of its output had already been streamed"
+        ))
+    } else if orphan.entry.runs > journal::MAX_RUNS {
+        Resolution::Report(format!(
+            "the worker was killed during this job {} times and restarted; the job was not run again (it may be what stops the worker)",
+            orphan.entry.runs - 1
+        ))
+    } else if age > limit {
+        Resolution::Report(format!(
+            "{killed}; the job was not run again because it was taken {} s ago, past the {} s limit for running it again",
+            age.as_secs(),
+            limit.as_secs()
+        ))
+    } else {
+        Resolution::Rerun(settings.job_timeout.saturating_sub(age))
+    }
+}
+
+/// Starts a task per claimed job of a killed worker: run again (taking free slots first, the
+/// rest waiting for one) or reported failed.
+fn resolve_orphans<R: JobRunner>(
+    shared: &Arc<Shared<R>>,
+    orphans: Vec<Orphan>,
+    semaphore: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+) {
+    let resume_max_age = shared
+        .settings
+        .spool
+        .as_ref()
+        .and_then(|s| s.journal.as_ref())
+        .map_or(Duration::ZERO, |j| j.resume_max_age);
+    let now = journal::now_ms();
+    for orphan in orphans {
+        let id = orphan.entry.job_id.clone();
+        let Some(cancel) = shared.table.try_insert(&id) else {
+            continue;
+        };
+        let span = info_span!("job", job_id = %log_safe(&id));
+        match resolve(&orphan, &shared.settings, resume_max_age, now) {
+            Resolution::Rerun(time_left) => {
+                Counters::bump(&shared.counters.resumed);
+                info!(parent: &span, runs = orphan.entry.runs, time_left_secs = time_left.as_secs(),
+                    "running again a job a killed worker left unfinished");
+                let permit = semaphore.clone().try_acquire_owned().ok();
+                let job = TakenJob {
+                    id,
+                    input: orphan.entry.input,
+                };
+                tracker.spawn(
+                    run_job_task(
+                        shared.clone(),
+                        job,
+                        permit,
+                        cancel,
+                        semaphore.clone(),
+                        Start::Resumed { time_left },
+                    )
+                    .instrument(span),
+                );
+            }
+            Resolution::Report(message) => {
+                Counters::bump(&shared.counters.restart_reported);
+                tracker.spawn(report_restarted(shared.clone(), id, message).instrument(span));
+            }
+        }
     }
 }
 
