@@ -119,31 +119,24 @@ impl PackedMatrix {
         Ok(Some(Self { panels, rows, cols }))
     }
 
-    /// `(rows, cols)` of the unpacked matrix.
-    pub(crate) fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
     /// The matrices stacked by rows (`[a; b; ...]`), so projections of the same input run as one
     /// matmul. `None` unless all have the same `cols` and every part but the last fills whole panels.
     pub(crate) fn stack(parts: &[&Self]) -> Option<Self> {
-        let (last, init) = parts.split_last()?;
-        if init.iter().any(|p| p.rows % LANES != 0) || parts.iter().any(|p| p.cols != last.cols) {
-            return None;
-        }
+        let dims: Vec<_> = parts.iter().map(|p| (p.rows, p.cols)).collect();
+        let (rows, cols) = stacked_dims(&dims)?;
         Some(Self {
             panels: parts
                 .iter()
                 .flat_map(|p| p.panels.iter().copied())
                 .collect(),
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: last.cols,
+            rows,
+            cols,
         })
     }
 
     /// `xs (m, cols) -> xs W^T (m, rows)`, f32 on CPU. `xs` may be any layout (made contiguous).
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.contiguous()?.apply_op1_no_bwd(&MatmulT { weight: self })
+        matmul_t(self, xs)
     }
 
     /// Rows `ids` of the unpacked matrix: `(ids.len(), cols)` (an embedding lookup).
@@ -164,79 +157,144 @@ impl PackedMatrix {
         }
         Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
     }
+}
 
-    /// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads.
-    fn matmul_into(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
-        assert_eq!(a.len(), m * self.cols, "a is (m, cols)");
-        assert_eq!(c.len(), m * self.rows, "c is (m, rows)");
-        let n_panels = self.rows.div_ceil(LANES);
-        if m == 0 || n_panels == 0 {
-            return;
-        }
-        if self.cols == 0 {
-            c.fill(0.0);
-            return;
-        }
-        // Work is split in pairs of panels (the kernel's widest tile), contiguous per thread.
-        let pairs = n_panels.div_ceil(2);
-        let threads = threads.clamp(1, pairs);
-        let out = OutPtr(c.as_mut_ptr());
-        if threads == 1 || m * self.rows * self.cols < PARALLEL_MIN_MACS {
-            // SAFETY: `out` points at `c`, (m, rows), exclusively borrowed here; panels in range.
-            unsafe { self.run_panels(a, m, out, 0, n_panels) };
-            return;
-        }
-        rayon::scope(|scope| {
-            for t in 0..threads {
-                let first = (pairs * t / threads) * 2;
-                let end = ((pairs * (t + 1) / threads) * 2).min(n_panels);
-                scope.spawn(move |_| {
-                    // SAFETY: each task writes only the columns of its own panels `first..end`
-                    // (disjoint across tasks) of `c`, which outlives the scope.
-                    unsafe { self.run_panels(a, m, out, first, end) }
-                });
-            }
-        });
+impl PanelKernel for PackedMatrix {
+    type Input<'a> = &'a [f32];
+    const MR_MAX: usize = MR_MAX;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
-    /// Computes output columns `16 * first .. 16 * end` (clipped to `rows`) of all `m` rows.
-    ///
-    /// # Safety
-    /// `out` must point at an `(m, rows)` buffer that no one else reads or writes in those columns
-    /// meanwhile; `first <= end <= panels`.
-    unsafe fn run_panels(&self, a: &[f32], m: usize, out: OutPtr, first: usize, end: usize) {
+    fn prepare<'a>(&self, a: &'a [f32], _m: usize) -> &'a [f32] {
+        a
+    }
+
+    unsafe fn tile(&self, a: &&[f32], row: usize, mr: usize, panel: usize, np: usize, out: OutPtr) {
         #[cfg(target_arch = "x86_64")]
         {
-            let mut panel = first;
-            while panel < end {
-                let np = (end - panel).min(2);
-                let mut row = 0;
-                while row < m {
-                    let mr = (m - row).min(MR_MAX);
-                    let tile = Tile {
-                        a: a.as_ptr().add(row * self.cols),
-                        b: self.panels.as_ptr().add(panel * self.cols),
-                        k: self.cols,
-                        c: out.0.add(row * self.rows + panel * LANES),
-                        ldc: self.rows,
-                        valid: self.rows - panel * LANES,
-                    };
-                    if np == 2 {
-                        avx512::dispatch::<2>(mr, &tile);
-                    } else {
-                        avx512::dispatch::<1>(mr, &tile);
-                    }
-                    row += mr;
-                }
-                panel += np;
+            let tile = Tile {
+                a: a.as_ptr().add(row * self.cols),
+                b: self.panels.as_ptr().add(panel * self.cols),
+                k: self.cols,
+                c: out.0.add(row * self.rows + panel * LANES),
+                ldc: self.rows,
+                valid: self.rows - panel * LANES,
+            };
+            if np == 2 {
+                avx512::dispatch::<2>(mr, &tile);
+            } else {
+                avx512::dispatch::<1>(mr, &tile);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (a, m, out, first, end);
+            let _ = (a, row, mr, panel, np, out);
             unreachable!("PackedMatrix::pack returns None off x86-64");
         }
     }
+}
+
+/// A matrix packed in 16-row panels plus its register-blocked kernel; [`matmul_into`] drives it.
+pub(crate) trait PanelKernel: Sync {
+    /// The activations as the kernel reads them (f32 as they are, or quantized).
+    type Input<'a>: Sync
+    where
+        Self: 'a;
+    /// Most rows of `x` per kernel call.
+    const MR_MAX: usize;
+
+    /// `(rows, cols)` of the unpacked matrix.
+    fn dims(&self) -> (usize, usize);
+
+    /// Prepares the `(m, cols)` activations once per matmul.
+    fn prepare<'a>(&'a self, a: &'a [f32], m: usize) -> Self::Input<'a>;
+
+    /// Output rows `row..row + mr` (`mr <= MR_MAX`), columns of panels `panel..panel + np`
+    /// (`np` 1 or 2).
+    ///
+    /// # Safety
+    /// `out` points at an `(m, rows)` buffer whose cells in those rows and columns nobody else
+    /// touches meanwhile; `x` was prepared from `m >= row + mr` rows; the panels exist.
+    unsafe fn tile(
+        &self,
+        x: &Self::Input<'_>,
+        row: usize,
+        mr: usize,
+        panel: usize,
+        np: usize,
+        out: OutPtr,
+    );
+}
+
+/// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads: panels are split in
+/// pairs (the widest tile), contiguous per thread.
+pub(crate) fn matmul_into<K: PanelKernel>(
+    weight: &K,
+    a: &[f32],
+    m: usize,
+    c: &mut [f32],
+    threads: usize,
+) {
+    let (rows, cols) = weight.dims();
+    assert_eq!(a.len(), m * cols, "a is (m, cols)");
+    assert_eq!(c.len(), m * rows, "c is (m, rows)");
+    let panels = rows.div_ceil(LANES);
+    if m == 0 || panels == 0 {
+        return;
+    }
+    let x = weight.prepare(a, m);
+    let pairs = panels.div_ceil(2);
+    let threads = threads.clamp(1, pairs);
+    let out = OutPtr(c.as_mut_ptr());
+    if threads == 1 || m * rows * cols < PARALLEL_MIN_MACS {
+        // SAFETY: `out` points at `c`, (m, rows), exclusively borrowed here; panels in range.
+        unsafe { run_panels(weight, &x, m, out, 0, panels) };
+        return;
+    }
+    let x = &x;
+    rayon::scope(|scope| {
+        for t in 0..threads {
+            let first = (pairs * t / threads) * 2;
+            let end = ((pairs * (t + 1) / threads) * 2).min(panels);
+            scope.spawn(move |_| {
+                // SAFETY: each task writes only the columns of its own panels `first..end`
+                // (disjoint across tasks) of `c`, which outlives the scope.
+                unsafe { run_panels(weight, x, m, out, first, end) }
+            });
+        }
+    });
+}
+
+/// Output columns of panels `first..end` for all `m` rows.
+///
+/// # Safety
+/// As [`PanelKernel::tile`], for all rows and those panels.
+unsafe fn run_panels<K: PanelKernel>(
+    weight: &K,
+    x: &K::Input<'_>,
+    m: usize,
+    out: OutPtr,
+    first: usize,
+    end: usize,
+) {
+    let mut panel = first;
+    while panel < end {
+        let np = (end - panel).min(2);
+        let mut row = 0;
+        while row < m {
+            let mr = (m - row).min(K::MR_MAX);
+            weight.tile(x, row, mr, panel, np, out);
+            row += mr;
+        }
+        panel += np;
+    }
+}
+
+/// `xs (..., cols) -> xs W^T (..., rows)` on the CPU for any packed weight.
+pub(crate) fn matmul_t<K: PanelKernel>(weight: &K, xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&MatmulT { weight })
 }
 
 /// The output buffer shared by the tasks of one matmul (each writes its own columns).
@@ -266,7 +324,7 @@ struct Tile {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::{
         __m512, __mmask16, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_storeu_ps, _mm512_set1_ps,
         _mm512_setzero_ps,
@@ -313,26 +371,50 @@ mod avx512 {
                 }
             }
         }
+        store(&acc, tile.c, tile.ldc, tile.valid);
+    }
+
+    /// Writes `MR x NP` accumulators to rows of `c` (stride `ldc`); only the first `valid` columns.
+    ///
+    /// # Safety
+    /// AVX-512F; `c` has `MR` rows of at least `min(valid, 16 NP)` writable columns.
+    #[inline(always)]
+    pub(crate) unsafe fn store<const MR: usize, const NP: usize>(
+        acc: &[[__m512; NP]; MR],
+        c: *mut f32,
+        ldc: usize,
+        valid: usize,
+    ) {
         for (i, row_acc) in acc.iter().enumerate() {
             for (j, lane_acc) in row_acc.iter().enumerate() {
-                let valid = tile.valid.saturating_sub(j * LANES).min(LANES);
-                let mask: __mmask16 = if valid == LANES {
+                let lanes = valid.saturating_sub(j * LANES).min(LANES);
+                let mask: __mmask16 = if lanes == LANES {
                     u16::MAX
                 } else {
-                    (1u16 << valid) - 1
+                    (1u16 << lanes) - 1
                 };
-                _mm512_mask_storeu_ps(tile.c.add(i * tile.ldc + j * LANES), mask, *lane_acc);
+                _mm512_mask_storeu_ps(c.add(i * ldc + j * LANES), mask, *lane_acc);
             }
         }
     }
 }
 
-/// `x W^T` as a candle op over a packed `W`.
-struct MatmulT<'w> {
-    weight: &'w PackedMatrix,
+/// Checks that `parts` can be stacked by rows (same `cols`; every part but the last fills whole
+/// panels) and returns the stacked `(rows, cols)`.
+pub(crate) fn stacked_dims(parts: &[(usize, usize)]) -> Option<(usize, usize)> {
+    let (&(_, cols), init) = parts.split_last()?;
+    if init.iter().any(|&(rows, _)| rows % LANES != 0) || parts.iter().any(|&(_, c)| c != cols) {
+        return None;
+    }
+    Some((parts.iter().map(|&(rows, _)| rows).sum(), cols))
 }
 
-impl candle_core::CustomOp1 for MatmulT<'_> {
+/// `x W^T` as a candle op over a packed `W`.
+struct MatmulT<'w, K> {
+    weight: &'w K,
+}
+
+impl<K: PanelKernel> candle_core::CustomOp1 for MatmulT<'_, K> {
     fn name(&self) -> &'static str {
         "wick-packed-matmul-t"
     }
@@ -344,9 +426,8 @@ impl candle_core::CustomOp1 for MatmulT<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("packed matmul needs a contiguous input");
         };
-        let dims = layout.dims();
         let (rows, cols) = self.weight.dims();
-        let Some((&in_dim, batch_dims)) = dims.split_last() else {
+        let Some((&in_dim, batch_dims)) = layout.dims().split_last() else {
             candle_core::bail!("packed matmul needs at least one dimension");
         };
         if in_dim != cols {
@@ -354,7 +435,8 @@ impl candle_core::CustomOp1 for MatmulT<'_> {
         }
         let m: usize = batch_dims.iter().product();
         let mut out = vec![0f32; m * rows];
-        self.weight.matmul_into(
+        matmul_into(
+            self.weight,
             &values[start..end],
             m,
             &mut out,
@@ -366,6 +448,20 @@ impl candle_core::CustomOp1 for MatmulT<'_> {
     }
 }
 
+/// Deterministic values in [-1, 1) (xorshift) for the kernels' tests, so failures reproduce.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -373,21 +469,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Deterministic values in [-1, 1) (xorshift), so failures reproduce.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     fn packed(rows: usize, cols: usize, seed: u64) -> Option<(PackedMatrix, Vec<f32>)> {
-        let w = values(rows * cols, seed);
+        let w = test_values(rows * cols, seed);
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
         let Some(p) = PackedMatrix::pack(&t).unwrap() else {
             eprintln!("skipped: this CPU has no AVX-512F, the packed kernels are not used here");
@@ -424,10 +507,10 @@ mod tests {
             let Some((p, w)) = packed(rows, cols, (m * 1000 + rows + cols) as u64) else {
                 return;
             };
-            let a = values(m * cols, 7 + m as u64);
+            let a = test_values(m * cols, 7 + m as u64);
             for threads in [1, 2, 3] {
                 let mut c = vec![f32::NAN; m * rows];
-                p.matmul_into(&a, m, &mut c, threads);
+                matmul_into(&p, &a, m, &mut c, threads);
                 for (got, want) in c.iter().zip(reference(&a, &w, m, rows, cols)) {
                     let tolerance = 1e-5 * (cols as f64).sqrt() + 1e-6;
                     assert!(
@@ -445,12 +528,12 @@ mod tests {
         let Some((p, _)) = packed(rows, cols, 3) else {
             return;
         };
-        let a = values(m * cols, 11);
+        let a = test_values(m * cols, 11);
         let mut batched = vec![0f32; m * rows];
-        p.matmul_into(&a, m, &mut batched, 2);
+        matmul_into(&p, &a, m, &mut batched, 2);
         for i in 0..m {
             let mut alone = vec![0f32; rows];
-            p.matmul_into(&a[i * cols..(i + 1) * cols], 1, &mut alone, 1);
+            matmul_into(&p, &a[i * cols..(i + 1) * cols], 1, &mut alone, 1);
             assert_eq!(
                 alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 batched[i * rows..(i + 1) * rows]
@@ -480,7 +563,7 @@ mod tests {
         );
 
         // (2, 3, cols) input: leading dims are kept; a transposed view is made contiguous first.
-        let x = Tensor::from_vec(values(6 * cols, 9), (2, 3, cols), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(test_values(6 * cols, 9), (2, 3, cols), &Device::Cpu).unwrap();
         let y = p.matmul_t(&x).unwrap();
         assert_eq!(y.dims(), &[2, 3, rows]);
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
@@ -496,7 +579,7 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "max diff {diff}");
-        let xt = Tensor::from_vec(values(cols * 4, 13), (cols, 4), &Device::Cpu)
+        let xt = Tensor::from_vec(test_values(cols * 4, 13), (cols, 4), &Device::Cpu)
             .unwrap()
             .t()
             .unwrap();

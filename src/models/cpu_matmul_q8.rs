@@ -18,9 +18,9 @@
 //! the same for every row, batch size and thread count.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
-use crate::models::cpu_matmul::{packed_enabled, OutPtr};
+use crate::models::cpu_matmul::{matmul_t, packed_enabled, stacked_dims, OutPtr, PanelKernel};
 
 /// Rows of `W` per panel (lanes of one vector of i32 / f32).
 const LANES: usize = 16;
@@ -31,8 +31,6 @@ const BLOCK_BYTES: usize = 34;
 /// Most rows of `x` per kernel call: `MR_MAX x 2` int and as many float accumulators fit the 32
 /// vector registers with the weights and broadcasts.
 const MR_MAX: usize = 6;
-/// Below this many multiply-adds a matmul runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Whether Q8_0 weights loaded now on `device` would use the packed VNNI kernels.
 pub fn packed_q8_applies(device: &candle_core::Device) -> bool {
@@ -127,119 +125,85 @@ impl PackedQ8 {
         }))
     }
 
-    /// `(rows, cols)` of the unpacked matrix.
-    pub(crate) fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
     /// The matrices stacked by rows, as [`crate::models::cpu_matmul::PackedMatrix::stack`].
     pub(crate) fn stack(parts: &[&Self]) -> Option<Self> {
-        let (last, init) = parts.split_last()?;
-        if init.iter().any(|p| p.rows % LANES != 0) || parts.iter().any(|p| p.cols != last.cols) {
-            return None;
-        }
+        let dims: Vec<_> = parts.iter().map(|p| (p.rows, p.cols)).collect();
+        let (rows, cols) = stacked_dims(&dims)?;
         Some(Self {
             quads: parts.iter().flat_map(|p| p.quads.iter().copied()).collect(),
             scales: parts
                 .iter()
                 .flat_map(|p| p.scales.iter().copied())
                 .collect(),
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: last.cols,
+            rows,
+            cols,
         })
     }
 
     /// `xs (..., cols) -> xs W^T (..., rows)`, f32 on CPU.
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.contiguous()?
-            .apply_op1_no_bwd(&MatmulQ8T { weight: self })
+        matmul_t(self, xs)
+    }
+}
+
+impl PanelKernel for PackedQ8 {
+    type Input<'a> = QuantizedRows;
+    const MR_MAX: usize = MR_MAX;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
-    /// `c (m, rows) = a (m, cols) W^T` on up to `threads` threads.
-    fn matmul_into(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
-        assert_eq!(a.len(), m * self.cols, "a is (m, cols)");
-        assert_eq!(c.len(), m * self.rows, "c is (m, rows)");
-        let panels = self.rows.div_ceil(LANES);
-        if m == 0 || panels == 0 {
-            return;
-        }
-        let x = QuantizedRows::new(a, m, self.cols);
-        let pairs = panels.div_ceil(2);
-        let threads = threads.clamp(1, pairs);
-        let out = OutPtr(c.as_mut_ptr());
-        if threads == 1 || m * self.rows * self.cols < PARALLEL_MIN_MACS {
-            // SAFETY: `out` points at `c`, exclusively borrowed here; panels in range.
-            unsafe { self.run_panels(&x, out, 0, panels) };
-            return;
-        }
-        let x = &x;
-        rayon::scope(|scope| {
-            for t in 0..threads {
-                let first = (pairs * t / threads) * 2;
-                let end = ((pairs * (t + 1) / threads) * 2).min(panels);
-                scope.spawn(move |_| {
-                    // SAFETY: each task writes only its own panels' columns of `c`, which outlives
-                    // the scope.
-                    unsafe { self.run_panels(x, out, first, end) }
-                });
-            }
-        });
+    fn prepare(&self, a: &[f32], m: usize) -> QuantizedRows {
+        QuantizedRows::new(a, m, self.cols)
     }
 
-    /// Output columns of panels `first..end` for all rows.
-    ///
-    /// # Safety
-    /// As [`crate::models::cpu_matmul`]'s `run_panels`: `out` is an `(m, rows)` buffer whose columns of
-    /// these panels nobody else touches meanwhile.
-    unsafe fn run_panels(&self, x: &QuantizedRows, out: OutPtr, first: usize, end: usize) {
+    unsafe fn tile(
+        &self,
+        x: &QuantizedRows,
+        row: usize,
+        mr: usize,
+        panel: usize,
+        np: usize,
+        out: OutPtr,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             let blocks = self.cols / BLOCK;
-            let mut panel = first;
-            while panel < end {
-                let np = (end - panel).min(2);
-                let mut row = 0;
-                while row < x.m {
-                    let mr = (x.m - row).min(MR_MAX);
-                    let tile = Tile {
-                        xq: x.quants.as_ptr().add(row * self.cols),
-                        xd: x.scales.as_ptr().add(row * blocks),
-                        xcorr: x.corrections.as_ptr().add(row * blocks),
-                        quads: self.quads.as_ptr().add(panel * blocks * 8),
-                        scales: self.scales.as_ptr().add(panel * blocks),
-                        blocks,
-                        cols: self.cols,
-                        c: out.0.add(row * self.rows + panel * LANES),
-                        ldc: self.rows,
-                        valid: self.rows - panel * LANES,
-                    };
-                    if np == 2 {
-                        vnni::dispatch::<2>(mr, &tile);
-                    } else {
-                        vnni::dispatch::<1>(mr, &tile);
-                    }
-                    row += mr;
-                }
-                panel += np;
+            let tile = Tile {
+                xq: x.quants.as_ptr().add(row * self.cols),
+                xd: x.scales.as_ptr().add(row * blocks),
+                xcorr: x.corrections.as_ptr().add(row * blocks),
+                quads: self.quads.as_ptr().add(panel * blocks * 8),
+                scales: self.scales.as_ptr().add(panel * blocks),
+                blocks,
+                cols: self.cols,
+                c: out.0.add(row * self.rows + panel * LANES),
+                ldc: self.rows,
+                valid: self.rows - panel * LANES,
+            };
+            if np == 2 {
+                vnni::dispatch::<2>(mr, &tile);
+            } else {
+                vnni::dispatch::<1>(mr, &tile);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, out, first, end);
+            let _ = (x, row, mr, panel, np, out);
             unreachable!("PackedQ8::pack returns None off x86-64");
         }
     }
 }
 
 /// Activations quantized to Q8_0 per row and block: `x[m, k] ~= scales[m, k / 32] * quants[m, k]`.
-struct QuantizedRows {
+pub(crate) struct QuantizedRows {
     /// `(m, cols)` signed quants.
     quants: Vec<i8>,
     /// `(m, blocks)` block scales.
     scales: Vec<f32>,
     /// `(m, blocks)`: `128 * sum(quants of the block)`, what the unsigned weight offset adds.
     corrections: Vec<i32>,
-    m: usize,
 }
 
 impl QuantizedRows {
@@ -251,7 +215,6 @@ impl QuantizedRows {
             quants: vec![0i8; m * cols],
             scales: vec![0f32; m * blocks],
             corrections: vec![0i32; m * blocks],
-            m,
         };
         // SAFETY: only built for matrices packed on a CPU with AVX-512F/BW/VNNI (`PackedQ8::pack`).
         #[cfg(target_arch = "x86_64")]
@@ -280,12 +243,11 @@ struct Tile {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::{
-        __m512, __m512i, __mmask16, _mm512_abs_ps, _mm512_add_epi32, _mm512_cvtepi32_ps,
-        _mm512_cvtps_epi32, _mm512_cvtsepi32_epi8, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
-        _mm512_load_ps, _mm512_load_si512, _mm512_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps,
-        _mm512_mul_ps, _mm512_reduce_add_epi32, _mm512_reduce_max_ps, _mm512_set1_epi32,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_sub_epi32,
-        _mm_storeu_si128,
+        __m512, __m512i, _mm512_abs_ps, _mm512_add_epi32, _mm512_cvtepi32_ps, _mm512_cvtps_epi32,
+        _mm512_cvtsepi32_epi8, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_load_ps,
+        _mm512_load_si512, _mm512_loadu_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_reduce_add_epi32,
+        _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_setzero_si512, _mm512_sub_epi32, _mm_storeu_si128,
     };
 
     use super::{Tile, BLOCK, LANES};
@@ -373,17 +335,7 @@ mod vnni {
                 }
             }
         }
-        for (i, row_acc) in acc.iter().enumerate() {
-            for (j, lane_acc) in row_acc.iter().enumerate() {
-                let valid = tile.valid.saturating_sub(j * LANES).min(LANES);
-                let mask: __mmask16 = if valid == LANES {
-                    u16::MAX
-                } else {
-                    (1u16 << valid) - 1
-                };
-                _mm512_mask_storeu_ps(tile.c.add(i * tile.ldc + j * LANES), mask, *lane_acc);
-            }
-        }
+        crate::models::cpu_matmul::avx512::store(&acc, tile.c, tile.ldc, tile.valid);
     }
 }
 
@@ -404,62 +356,13 @@ fn half_to_f32(bits: u16) -> f32 {
     }
 }
 
-/// `x W^T` as a candle op over a packed Q8_0 `W`.
-struct MatmulQ8T<'w> {
-    weight: &'w PackedQ8,
-}
-
-impl candle_core::CustomOp1 for MatmulQ8T<'_> {
-    fn name(&self) -> &'static str {
-        "wick-packed-q8-matmul-t"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("packed Q8_0 matmul takes f32 input");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed Q8_0 matmul needs a contiguous input");
-        };
-        let (rows, cols) = self.weight.dims();
-        let Some((&in_dim, batch_dims)) = layout.dims().split_last() else {
-            candle_core::bail!("packed Q8_0 matmul needs at least one dimension");
-        };
-        if in_dim != cols {
-            candle_core::bail!("packed Q8_0 matmul: input has {in_dim} columns, the weight {cols}");
-        }
-        let m: usize = batch_dims.iter().product();
-        let mut out = vec![0f32; m * rows];
-        self.weight.matmul_into(
-            &values[start..end],
-            m,
-            &mut out,
-            candle_core::utils::get_num_threads(),
-        );
-        let mut out_dims = batch_dims.to_vec();
-        out_dims.push(rows);
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::models::cpu_matmul::{matmul_into, test_values};
     use candle_core::{DType, Device, Module};
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn half_conversion_matches_candle() {
@@ -489,12 +392,16 @@ mod tests {
             return;
         }
         for &(m, rows, cols) in &[(1, 16, 32), (3, 40, 64), (7, 50, 576), (32, 192, 576)] {
-            let w = Tensor::from_vec(values(rows * cols, rows as u64), (rows, cols), &Device::Cpu)
-                .unwrap();
+            let w = Tensor::from_vec(
+                test_values(rows * cols, rows as u64),
+                (rows, cols),
+                &Device::Cpu,
+            )
+            .unwrap();
             let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let packed = PackedQ8::pack(&qt).unwrap().unwrap();
-            let x =
-                Tensor::from_vec(values(m * cols, 3 + m as u64), (m, cols), &Device::Cpu).unwrap();
+            let x = Tensor::from_vec(test_values(m * cols, 3 + m as u64), (m, cols), &Device::Cpu)
+                .unwrap();
             // The exact product with the dequantized weights: wick's error (activations quantized
             // with f32 block scales) must not exceed candle's (f16 block scales) by more than noise.
             let exact = x
@@ -521,7 +428,7 @@ mod tests {
             let a = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for threads in [1, 2] {
                 let mut got = vec![0f32; m * rows];
-                packed.matmul_into(&a, m, &mut got, threads);
+                matmul_into(&packed, &a, m, &mut got, threads);
                 let wick_err = max_err(&|i, r| got[i * rows + r]);
                 assert!(
                     wick_err <= candle_err * 1.25 + 1e-5,
@@ -529,7 +436,7 @@ mod tests {
                 );
                 for i in 0..m {
                     let mut alone = vec![0f32; rows];
-                    packed.matmul_into(&a[i * cols..(i + 1) * cols], 1, &mut alone, 1);
+                    matmul_into(&packed, &a[i * cols..(i + 1) * cols], 1, &mut alone, 1);
                     assert_eq!(
                         alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         got[i * rows..(i + 1) * rows]
@@ -547,7 +454,7 @@ mod tests {
 
     #[test]
     fn other_formats_and_shapes_are_not_packed() {
-        let w = Tensor::from_vec(values(32 * 256, 1), (32, 256), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(test_values(32 * 256, 1), (32, 256), &Device::Cpu).unwrap();
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
         assert!(PackedQ8::pack(&q4).unwrap().is_none());
     }

@@ -21,7 +21,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::cpu_attention;
-use crate::models::cpu_matmul::PackedMatrix;
+use crate::models::cpu_matmul::{PackedMatrix, PanelKernel};
 use crate::models::cpu_matmul_q8::PackedQ8;
 use crate::models::{ForwardBatch, SeqChunk};
 
