@@ -363,7 +363,8 @@ fn resolve_route(
     }
     if f.lfs {
         // Like the Hub: the pointer's own ETag, the content's sha256 and size as X-Linked-*, and a
-        // redirect to the CDN (absolute, so hf-hub takes this response as the metadata).
+        // redirect to the CDN (absolute, so a client that follows only relative redirects — wick,
+        // Python, hf-hub — takes this response as the metadata).
         headers.extend([
             (
                 "etag",
@@ -830,6 +831,34 @@ async fn offline_mode_uses_the_cache_and_fails_clearly_when_uncached() {
         matches!(err, HubError::NotCached { ref file, .. } if file == "refs/v2"),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn offline_a_python_no_exist_marker_makes_a_required_file_missing_not_uncached() {
+    let hub = start_hub().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut offline = options(&hub, cache.path());
+    offline.offline = true;
+    // What Python leaves after a 404 for `config.json` at `main`: the ref and the empty marker.
+    let repo = repo_dir(cache.path(), "org/tiny-llama");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
+    std::fs::create_dir_all(repo.join(format!(".no_exist/{COMMIT}"))).unwrap();
+    std::fs::write(repo.join(format!(".no_exist/{COMMIT}/config.json")), b"").unwrap();
+
+    let err = resolve(&llama("main"), &offline).await.unwrap_err();
+    assert!(
+        matches!(err, HubError::FileNotFound { ref file, .. } if file == "config.json"),
+        "{err:?}"
+    );
+    // Without the marker the same cache only says the file is not cached.
+    std::fs::remove_file(repo.join(format!(".no_exist/{COMMIT}/config.json"))).unwrap();
+    let err = resolve(&llama("main"), &offline).await.unwrap_err();
+    assert!(
+        matches!(err, HubError::NotCached { ref file, .. } if file == "config.json"),
+        "{err:?}"
+    );
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
 }
 
 #[tokio::test]

@@ -156,6 +156,13 @@ impl RepoCache {
         result
     }
 
+    /// Whether a cache-only lookup (Python's `local_files_only`) may call `file` absent at `commit`: a
+    /// `.no_exist` marker is there and the snapshot entry is not (an entry that exists, usable or not,
+    /// leaves the answer unknown, as in Python and hf-hub).
+    pub fn offline_absent(&self, commit: &str, file: &str) -> bool {
+        !self.snapshot(commit, file).exists() && self.no_exist(commit, file).exists()
+    }
+
     /// Records that `file` does not exist at `commit` (Python-compatible empty marker).
     ///
     /// # Errors
@@ -534,6 +541,27 @@ pub fn write_marker(repo: &RepoCache, etag: &str, sha256: Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offline_absence_needs_a_no_exist_marker_and_no_snapshot_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = RepoCache::new(dir.path(), "org/name");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        assert!(!repo.offline_absent(commit, "sub/a.json"), "nothing known");
+        repo.mark_no_exist(commit, "sub/a.json").unwrap();
+        assert!(repo.offline_absent(commit, "sub/a.json"));
+        assert!(
+            !repo.offline_absent("f".repeat(40).as_str(), "sub/a.json"),
+            "markers are per commit"
+        );
+        let entry = repo.snapshot(commit, "sub/a.json");
+        std::fs::create_dir_all(entry.parent().unwrap()).unwrap();
+        std::fs::write(&entry, b"{}").unwrap();
+        assert!(
+            !repo.offline_absent(commit, "sub/a.json"),
+            "a snapshot entry, even one that is not a link to a blob, leaves it unknown"
+        );
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp_files() {

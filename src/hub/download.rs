@@ -2,17 +2,18 @@
 //!
 //! Division of labour:
 //! - **metadata** (which commit a revision is, each file's etag and size, whether it exists) comes from
-//!   wick's own `HEAD /{repo}/resolve/{revision}/{file}` requests, sent like `hf-hub` and Python send
-//!   them (no redirects followed except relative ones, so an LFS file's `X-Linked-Etag` — its sha256 —
-//!   is read from the Hub's own answer). wick validates every etag and commit as hex before it names a
-//!   path, classifies errors (`X-Error-Code`), and keeps its own timeouts and retries;
+//!   wick's own `HEAD /{repo}/resolve/{revision}/{file}` requests, sent as Python's `huggingface_hub`
+//!   (and the `hf-hub` crate) send them (no redirects followed except relative ones, so an LFS file's
+//!   `X-Linked-Etag` — its sha256 — is read from the Hub's own answer). wick validates every etag and
+//!   commit as hex before it names a path, classifies errors (`X-Error-Code`), and keeps its own
+//!   timeouts and retries;
 //! - **transfers** are wick's own `GET /{repo}/resolve/{commit}/{file}`, always at a 40-hex commit so
 //!   every file comes from one commit, into the cache layout `hf-hub` and Python share (blob
 //!   `blobs/{etag}` written through `blobs/{etag}.incomplete`, relative snapshot symlink). Redirects
 //!   (the Hub sends LFS and Xet-stored files to a CDN or its Xet bridge, which serve plain HTTP with
 //!   ranges) are followed by hand, at most 10, and the token goes only to requests whose origin
-//!   (scheme, host and port) is `HF_ENDPOINT`'s: never to the CDN. `hf-hub` 1.0 only answers the
-//!   cache-only lookups of `HF_HUB_OFFLINE` (it honours Python's `.no_exist` markers);
+//!   (scheme, host and port) is `HF_ENDPOINT`'s: never to the CDN. With `HF_HUB_OFFLINE` nothing is
+//!   sent: files come from snapshot links, refs and Python's `.no_exist` markers alone;
 //! - **resume**: a broken transfer of an LFS blob (one whose sha256 is known) goes on from the bytes
 //!   already in its `.incomplete` file with `Range: bytes=<len>-` (plus `If-Range` with the validator the
 //!   same server sent earlier in this process). A `206` whose `Content-Range` starts where the file
@@ -42,7 +43,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use hf_hub::{HFClient, HFError, HFRepository, RepoTypeModel};
 use reqwest::header::{
     HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_RANGE, LOCATION, RANGE, RETRY_AFTER,
 };
@@ -210,8 +210,6 @@ struct Fetcher<'a> {
     http: reqwest::Client,
     /// For transfers: no automatic redirects (followed by hand), read-idle timeout.
     transfer_http: reqwest::Client,
-    /// Cache-only lookups when offline.
-    repo: HFRepository<RepoTypeModel>,
     transfer: Arc<Transfer>,
 }
 
@@ -222,7 +220,7 @@ impl<'a> Fetcher<'a> {
         cache: RepoCache,
         endpoint: Url,
     ) -> Result<Self, HubError> {
-        let user_agent = format!("wick/{}; hf-hub/1.0", env!("CARGO_PKG_VERSION"));
+        let user_agent = format!("wick/{}", env!("CARGO_PKG_VERSION"));
         let build_error = |e: reqwest::Error| HubError::Protocol {
             repo: model.repo_id.clone(),
             file: String::new(),
@@ -241,19 +239,6 @@ impl<'a> Fetcher<'a> {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(build_error)?;
-        let mut builder = HFClient::builder()
-            .endpoint(opts.endpoint.clone())
-            .cache_dir(opts.cache_dir.clone())
-            .client(http.clone());
-        if let Some(token) = &opts.token {
-            builder = builder.token(token.expose());
-        }
-        let client = builder.build().map_err(|e| HubError::InvalidEndpoint {
-            endpoint: opts.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
-        let (owner, name) = hf_hub::split_id(&model.repo_id);
-        let repo = client.model(owner, name);
         Ok(Fetcher {
             model,
             opts,
@@ -261,7 +246,6 @@ impl<'a> Fetcher<'a> {
             endpoint,
             http,
             transfer_http,
-            repo,
             transfer: Transfer::new(&model.repo_id, 0),
         })
     }
@@ -458,18 +442,11 @@ impl<'a> Fetcher<'a> {
             return Ok(Located::Cached(etag));
         }
         if self.opts.offline {
-            // hf-hub's cache-only lookup also honours `.no_exist` markers written by Python.
-            let lookup = self
-                .repo
-                .download_file()
-                .filename(file)
-                .revision(commit)
-                .local_files_only(true)
-                .send()
-                .await;
-            return Ok(match lookup {
-                Err(HFError::EntryNotFound { .. }) => Located::Absent,
-                Ok(_) | Err(_) => Located::Unknown,
+            // Cache-only: the file is known absent only through a `.no_exist` marker (Python writes them).
+            return Ok(if self.cache.offline_absent(commit, file) {
+                Located::Absent
+            } else {
+                Located::Unknown
             });
         }
         if self.cache.no_exist(commit, file).exists() {

@@ -7,7 +7,9 @@
 //! - [`local`]: local directories and `.gguf` files; the `model.safetensors.index.json` parser.
 //! - [`download`]: the Hub path: wick's own HEADs and resumable ranged GETs into the Python-compatible
 //!   cache, with per-blob locks, sha256 verification, retries, a stall watchdog, progress logs and a disk
-//!   check on top (`hf-hub` 1.0 answers the offline cache lookups).
+//!   check on top. wick speaks the Hub's HTTP itself (reqwest) rather than through the `hf-hub` crate,
+//!   whose Xet client added 89 crates to build on Linux and 7 MB to the binary, for a protocol a worker
+//!   that reads plain `resolve` URLs never uses.
 //! - [`cache`]: cache layout, atomic writes, `flock` locks, `.verified` markers, stale partial cleanup.
 //! - [`verify`], [`disk`], [`progress`]: hashing, free space, progress lines.
 //!
@@ -15,7 +17,8 @@
 //! The cache directory is, in order: `HF_HUB_CACHE` (or `HUGGINGFACE_HUB_CACHE`), `$HF_HOME/hub`,
 //! `$BASE_PATH/huggingface-cache/hub` (BASE_PATH defaults to `/runpod-volume` when that directory exists,
 //! as in worker-vllm, so a network volume keeps weights across cold starts), `$XDG_CACHE_HOME/huggingface/hub`,
-//! `~/.cache/huggingface/hub`. The layout is the one Python's `huggingface_hub` uses, both ways.
+//! `~/.cache/huggingface/hub`. The layout is the one Python's `huggingface_hub` and the `hf-hub` crate use,
+//! both ways: either can fill a cache wick reads, and read one wick filled.
 
 pub mod cache;
 pub mod disk;
