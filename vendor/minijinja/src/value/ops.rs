@@ -889,8 +889,13 @@ pub(crate) fn binop_alloc_estimate(op: &str, lhs: &Value, rhs: &Value) -> u64 {
                 (repeated.len().unwrap_or(0) as u64)
                     .saturating_mul(n)
                     .saturating_mul(SLOT_COST)
+            } else if let Some(len) = seq_len(repeated) {
+                // wick patch: repeating a list is lazy, but everything that
+                // later walks it (printing, `list`, concatenation) pays per
+                // item only after the fact.  Ensure the result could be paid
+                // for as if it were materialized.
+                (len as u64).saturating_mul(n).saturating_mul(SLOT_COST)
             } else {
-                // repeating lists is lazy
                 0
             }
         }
@@ -901,9 +906,33 @@ pub(crate) fn binop_alloc_estimate(op: &str, lhs: &Value, rhs: &Value) -> u64 {
             _ if lhs.is_tuple() && rhs.is_tuple() => (lhs.len().unwrap_or(0) as u64)
                 .saturating_add(rhs.len().unwrap_or(0) as u64)
                 .saturating_mul(SLOT_COST),
+            // wick patch: `seq + seq` is lazy (`MergeSeq`) until the chain is
+            // deeper than `MergeSeq::MAX_DEPTH`, then it is materialized
+            // without any fuel check, and the lazy result itself costs
+            // nothing (`value_cost` is 0 for it).  Doubling a list in a loop
+            // therefore grew without bound.  Ensure the result could be paid
+            // for as if it were materialized, before anything is created.
+            (None, None) if op == "add" => match (seq_len(lhs), seq_len(rhs)) {
+                (Some(a), Some(b)) => (a as u64)
+                    .saturating_add(b as u64)
+                    .saturating_mul(SLOT_COST),
+                _ => 0,
+            },
             _ => 0,
         },
         _ => 0,
+    }
+}
+
+/// wick patch: the known length of a sequence or sized iterable (lazy ones
+/// included: `MergeSeq` and repeated lists report their length without
+/// iterating), or `None` for anything else.
+fn seq_len(value: &Value) -> Option<usize> {
+    match value.0 {
+        ValueRepr::Object(ref obj) if matches!(obj.repr(), ObjectRepr::Seq | ObjectRepr::Iterable) => {
+            obj.enumerator_len()
+        }
+        _ => None,
     }
 }
 
