@@ -784,11 +784,23 @@ mod builtins {
         // The joiner is repeated for every item, so the size of the result is
         // not bounded by the size of the items.  This charges for every item
         // and checks that the output can be paid for before it grows.
-        fn charge_join(state: &State, output: &str, joiner: &str) -> Result<(), Error> {
+        fn charge_join(
+            state: &State,
+            output: &str,
+            joiner: &str,
+            item: &Value,
+        ) -> Result<(), Error> {
             ok!(state.charge_items(1));
-            if !joiner.is_empty() {
-                ok!(state.ensure_bytes(output.len().saturating_add(joiner.len())));
-            }
+            // wick patch: the items are repeated too (`[s] * n | join` with a
+            // large `s`), and with an empty joiner nothing was checked at all:
+            // ensure the output with the joiner and the item's own bytes.
+            let item_len = item.as_str().map_or(0, str::len);
+            ok!(state.ensure_bytes(
+                output
+                    .len()
+                    .saturating_add(joiner.len())
+                    .saturating_add(item_len)
+            ));
             Ok(())
         }
 
@@ -799,7 +811,7 @@ mod builtins {
         ) -> Result<String, Error> {
             let mut output = String::new();
             for (idx, item) in iter.enumerate() {
-                ok!(charge_join(state, &output, joiner));
+                ok!(charge_join(state, &output, joiner, &item));
                 ok!(item.check());
                 if idx > 0 {
                     output.push_str(joiner);
@@ -820,7 +832,7 @@ mod builtins {
         ) -> Result<String, Error> {
             let mut output = String::new();
             for (idx, item) in iter.enumerate() {
-                ok!(charge_join(state, &output, joiner));
+                ok!(charge_join(state, &output, joiner, &item));
                 ok!(item.check());
                 if idx > 0 {
                     output.push_str(joiner);

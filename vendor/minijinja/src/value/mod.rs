@@ -265,6 +265,8 @@ pub(crate) mod ops;
 
 mod serialize;
 mod tuple;
+// wick patch: bounds for walks over values (printing, serializing, comparing).
+pub(crate) mod walk;
 
 pub use self::tuple::Tuple;
 
@@ -728,7 +730,15 @@ impl PartialEq for Value {
                         }
                         if a.is_same_object(b) {
                             return true;
-                        } else if a.is_same_object_type(b) {
+                        }
+                        // wick patch: comparing walks both values; bound it
+                        // like printing (see `crate::value::walk`).  When a
+                        // bound is hit the answer is `false` and the
+                        // evaluation fails at its next fuel check.
+                        let Some(_level) = walk::enter() else {
+                            return false;
+                        };
+                        if a.is_same_object_type(b) {
                             if let Some(rv) = a.custom_cmp(b) {
                                 return rv == Ordering::Equal;
                             }
@@ -753,7 +763,7 @@ impl PartialEq for Value {
                                 if !a.try_iter_pairs().is_some_and(|mut ak| {
                                     ak.all(|(k, v1)| {
                                         a_count += 1;
-                                        b.get_value(&k) == Some(v1)
+                                        walk::charge_item(&v1) && b.get_value(&k) == Some(v1)
                                     })
                                 }) {
                                     return false;
@@ -769,7 +779,19 @@ impl PartialEq for Value {
                                 ObjectRepr::Seq | ObjectRepr::Iterable,
                             ) => {
                                 if let (Some(ak), Some(bk)) = (a.try_iter(), b.try_iter()) {
-                                    ak.eq(bk)
+                                    // wick patch: charge per item, see above.
+                                    let (mut ak, mut bk) = (ak, bk);
+                                    loop {
+                                        match (ak.next(), bk.next()) {
+                                            (None, None) => break true,
+                                            (Some(x), Some(y)) => {
+                                                if !walk::charge_item(&x) || x != y {
+                                                    break false;
+                                                }
+                                            }
+                                            _ => break false,
+                                        }
+                                    }
                                 } else {
                                     false
                                 }
@@ -933,6 +955,13 @@ impl Ord for Value {
                         rv => return rv,
                     }
 
+                    // wick patch: ordering walks both values; bound it like
+                    // printing (see `crate::value::walk`).  When a bound is
+                    // hit the items compare equal and the evaluation fails at
+                    // its next fuel check.
+                    let Some(_level) = walk::enter() else {
+                        return Ordering::Equal;
+                    };
                     if a.is_same_object(b) {
                         Ordering::Equal
                     } else {
@@ -949,7 +978,9 @@ impl Ord for Value {
                                 // we don't want to pay the cost of actually sorting the keys for
                                 // ordering so we just accept this for now.
                                 match (a.try_iter_pairs(), b.try_iter_pairs()) {
-                                    (Some(a), Some(b)) => a.cmp(b),
+                                    (Some(a), Some(b)) => a
+                                        .take_while(|(_, v)| walk::charge_item(v))
+                                        .cmp(b),
                                     _ => unreachable!(),
                                 }
                             }
@@ -957,7 +988,7 @@ impl Ord for Value {
                                 ObjectRepr::Seq | ObjectRepr::Iterable,
                                 ObjectRepr::Seq | ObjectRepr::Iterable,
                             ) => match (a.try_iter(), b.try_iter()) {
-                                (Some(a), Some(b)) => a.cmp(b),
+                                (Some(a), Some(b)) => a.take_while(walk::charge_item).cmp(b),
                                 _ => unreachable!(),
                             },
                             // terrible fallback for plain objects
@@ -2065,7 +2096,16 @@ impl serde::Serialize for Value {
             ValueRepr::String(ref s, _) => serializer.serialize_str(s),
             ValueRepr::SmallStr(ref s) => serializer.serialize_str(s.as_str()),
             ValueRepr::Bytes(ref b) => serializer.serialize_bytes(b),
-            ValueRepr::Object(ref o) => match o.repr() {
+            ValueRepr::Object(ref o) => {
+                // wick patch: serializing walks the value; bound it like
+                // printing (see `crate::value::walk`), failing the
+                // serialization when a bound is hit.
+                let Some(_level) = walk::enter() else {
+                    return Err(serde::ser::Error::custom(
+                        "value nested too deeply or engine ran out of fuel",
+                    ));
+                };
+                match o.repr() {
                 ObjectRepr::Plain => serializer.serialize_str(&o.to_string()),
                 ObjectRepr::Seq | ObjectRepr::Iterable => {
                     use serde::ser::SerializeSeq;
@@ -2073,6 +2113,9 @@ impl serde::Serialize for Value {
                     if let Some(iter) = o.try_iter() {
                         for item in checked(iter) {
                             let item = ok!(item.map_err(serde::ser::Error::custom));
+                            if !walk::charge_item(&item) {
+                                return Err(serde::ser::Error::custom("engine ran out of fuel"));
+                            }
                             ok!(seq.serialize_element(&item));
                         }
                     }
@@ -2085,13 +2128,16 @@ impl serde::Serialize for Value {
                     if let Some(iter) = o.try_iter_pairs() {
                         for pair in checked(iter) {
                             let (key, value) = ok!(pair.map_err(serde::ser::Error::custom));
+                            if !walk::charge_item(&key) || !walk::charge_item(&value) {
+                                return Err(serde::ser::Error::custom("engine ran out of fuel"));
+                            }
                             ok!(map.serialize_entry(&key, &value));
                         }
                     }
 
                     map.end()
                 }
-            },
+            }},
         }
     }
 }

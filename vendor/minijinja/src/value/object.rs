@@ -302,13 +302,28 @@ pub trait Object: fmt::Debug + Send + Sync {
 
 #[inline(never)]
 fn default_render(obj: &DynObject, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    // wick patch: printing is a walk over shared structure; bound its depth
+    // and charge the ambient fuel per item (see `crate::value::walk`).  When a
+    // bound is hit, printing stops and the evaluation fails at its next fuel
+    // check.
+    let Some(_level) = crate::value::walk::enter() else {
+        return f.write_str("...");
+    };
     match obj.repr() {
         ObjectRepr::Map => render_container(f, "{...}", |f| {
+            let pretty = f.alternate(); // wick patch
             let mut dbg = f.debug_map();
             for (idx, (key, value)) in obj.try_iter_pairs().into_iter().flatten().enumerate() {
                 if is_over_item_limit(idx) {
                     let count = obj.enumerator_len().map(|x| x - idx);
                     dbg.entry(&OmittedKey, &Omitted { count, prefix: "" });
+                    break;
+                }
+                // wick patch: see above (and below for `charge_depth`).
+                if !crate::value::walk::charge_item(&key)
+                    || !crate::value::walk::charge_item(&value)
+                    || (pretty && !crate::value::walk::charge_depth())
+                {
                     break;
                 }
                 dbg.entry(&key, &value);
@@ -320,6 +335,7 @@ fn default_render(obj: &DynObject, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // debug print.
         ObjectRepr::Seq | ObjectRepr::Iterable if obj.enumerator_len().is_some() => {
             render_container(f, "[...]", |f| {
+                let pretty = f.alternate(); // wick patch
                 let mut dbg = f.debug_list();
                 for (idx, value) in obj.try_iter().into_iter().flatten().enumerate() {
                     if is_over_item_limit(idx) {
@@ -328,6 +344,14 @@ fn default_render(obj: &DynObject, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                             count,
                             prefix: "... ",
                         });
+                        break;
+                    }
+                    // wick patch: see above.  Pretty printing (`pprint`) passes
+                    // every byte through one indenting adapter per level, so
+                    // it is charged per level too.
+                    if !crate::value::walk::charge_item(&value)
+                        || (pretty && !crate::value::walk::charge_depth())
+                    {
                         break;
                     }
                     dbg.entry(&value);
@@ -953,8 +977,16 @@ impl DynObject {
 
 impl Hash for DynObject {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // wick patch: hashing walks the value; bound it like printing (see
+        // `crate::value::walk`).
+        let Some(_level) = crate::value::walk::enter() else {
+            return;
+        };
         if let Some(iter) = self.try_iter_pairs() {
             for (key, value) in iter {
+                if !crate::value::walk::charge_item(&value) {
+                    break;
+                }
                 key.hash(state);
                 value.hash(state);
             }

@@ -116,8 +116,16 @@ impl Object for Tuple {
     }
 
     fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // wick patch: bound the walk like `default_render` (see
+        // `crate::value::walk`).
+        let Some(_level) = crate::value::walk::enter() else {
+            return f.write_str("(...)");
+        };
         f.write_str("(")?;
         for (idx, value) in self.iter().enumerate() {
+            if !crate::value::walk::charge_item(value) {
+                break;
+            }
             if idx != 0 {
                 f.write_str(", ")?;
             }

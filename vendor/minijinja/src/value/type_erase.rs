@@ -128,7 +128,9 @@ macro_rules! type_erase {
 
             impl Drop for $erased_t_name {
                 fn drop(&mut self) {
-                    (vt(self).__decref)(self.ptr);
+                    // wick patch: never recurse without bound when a deeply
+                    // nested value is dropped (see `crate::value::walk`).
+                    crate::value::walk::drop_erased(self.ptr, vt(self).__decref);
                 }
             }
 

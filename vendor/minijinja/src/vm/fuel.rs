@@ -23,7 +23,10 @@
 //! Once the fuel runs out, the tracker stays exhausted: every later charge
 //! fails.  That way code that cannot propagate an error directly (such as an
 //! iterator) can stop early and the engine fails at the next check.
-use std::cell::Cell;
+// wick patch: `remaining` is an atomic (relaxed loads and stores, same cost as
+// a `Cell` on one thread) so that the tracker can be shared through an `Arc`
+// with value walks (see `crate::value::walk`).
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::compiler::instructions::Instruction;
 use crate::error::{Error, ErrorKind};
@@ -64,7 +67,7 @@ pub(crate) struct FuelTracker {
     // The initial fuel level.
     initial: u64,
     // The remaining fuel in units.
-    remaining: Cell<i64>,
+    remaining: AtomicI64,
 }
 
 impl FuelTracker {
@@ -72,7 +75,7 @@ impl FuelTracker {
     pub fn new(fuel: u64) -> FuelTracker {
         FuelTracker {
             initial: fuel,
-            remaining: Cell::new(
+            remaining: AtomicI64::new(
                 i64::try_from(fuel.saturating_mul(UNITS_PER_FUEL)).unwrap_or(i64::MAX),
             ),
         }
@@ -85,9 +88,9 @@ impl FuelTracker {
     pub fn consume(&self, units: u64) -> Result<(), Error> {
         let remaining = self
             .remaining
-            .get()
+            .load(Ordering::Relaxed)
             .saturating_sub(i64::try_from(units).unwrap_or(i64::MAX));
-        self.remaining.set(remaining);
+        self.remaining.store(remaining, Ordering::Relaxed);
         if remaining <= 0 {
             Err(Error::from(ErrorKind::OutOfFuel))
         } else {
@@ -102,9 +105,9 @@ impl FuelTracker {
     /// fuel would run out, the tracker is exhausted immediately.
     #[inline]
     pub fn ensure(&self, units: u64) -> Result<(), Error> {
-        let remaining = self.remaining.get();
+        let remaining = self.remaining.load(Ordering::Relaxed);
         if remaining <= 0 || units >= remaining as u64 {
-            self.remaining.set(0);
+            self.remaining.store(0, Ordering::Relaxed);
             Err(Error::from(ErrorKind::OutOfFuel))
         } else {
             Ok(())
@@ -124,12 +127,12 @@ impl FuelTracker {
     /// Returns the remaining fuel in units.
     #[inline]
     pub fn remaining_units(&self) -> u64 {
-        self.remaining.get().max(0) as u64
+        self.remaining.load(Ordering::Relaxed).max(0) as u64
     }
 
     /// Returns the remaining fuel.
     pub fn remaining(&self) -> u64 {
-        self.remaining.get().max(0) as u64 / UNITS_PER_FUEL
+        self.remaining.load(Ordering::Relaxed).max(0) as u64 / UNITS_PER_FUEL
     }
 
     /// Returns the consumed fuel.

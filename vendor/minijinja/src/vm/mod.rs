@@ -238,6 +238,10 @@ impl<'env> Executor<'env> {
         stack: Stack,
         pc: u32,
     ) -> Result<Option<Value>, Error> {
+        // wick patch: value walks (printing, serializing, comparing) made
+        // while this evaluation runs charge its fuel (`crate::value::walk`).
+        #[cfg(feature = "fuel")]
+        let _ambient_fuel = crate::value::walk::AmbientFuel::enter(state.fuel_tracker.as_ref());
         #[cfg(feature = "stacker")]
         {
             stacker::maybe_grow(32 * 1024, 1024 * 1024, || {
