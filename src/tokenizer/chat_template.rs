@@ -30,6 +30,12 @@ const MAX_RENDERED_BYTES: usize = 16 * 1024 * 1024;
 /// Largest `indent` the `tojson` filter accepts (Python accepts any; we bound the output).
 const MAX_TOJSON_INDENT: usize = 64;
 
+/// Deepest nesting `tojson` writes (request JSON is at most 64 deep).
+const MAX_TOJSON_DEPTH: usize = 128;
+
+/// Longest template error message kept (a template can put anything in `raise_exception`).
+const MAX_ERROR_MESSAGE_BYTES: usize = 2048;
+
 /// Name of the one template registered in a [`ChatTemplate`]'s environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -138,7 +144,7 @@ impl ChatTemplate {
             .build()
             .map_err(template_error)?;
         env.set_syntax(syntax);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(unknown_method);
         env.set_fuel(Some(RENDER_FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
         // Prompts are not HTML: never escape.
@@ -269,7 +275,8 @@ impl crate::tokenizer::Tokenizer {
     }
 }
 
-/// Formats a minijinja error with its cause chain (e.g. the `raise_exception` message).
+/// Formats a minijinja error with its cause chain (e.g. the `raise_exception` message), cut to
+/// [`MAX_ERROR_MESSAGE_BYTES`]: the message can quote any value the template made.
 fn template_error(err: Error) -> TokenizerError {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(&err);
@@ -278,7 +285,60 @@ fn template_error(err: Error) -> TokenizerError {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let total = message.len();
+        let mut cut = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(&format!("... ({total} bytes in all)"));
+    }
     TokenizerError::Template(message)
+}
+
+/// Python methods on values (`s.strip()`, `d.items()`, ...) through minijinja-contrib's pycompat,
+/// except `str.join`, which is done here: pycompat's charges fuel for the separators but not for the
+/// items, so `''.join([big] * n)` grew without bound before the result was charged.
+fn unknown_method(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if method == "join" {
+        if let Some(separator) = value.as_str() {
+            return py_str_join(separator, args);
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// `separator.join(items)`, refused once the result would pass [`MAX_RENDERED_BYTES`] (it could not
+/// be part of a prompt anyway).
+fn py_str_join(separator: &str, args: &[Value]) -> Result<Value, Error> {
+    let (items,): (&Value,) = minijinja::value::from_args(args)?;
+    let mut out = String::new();
+    for (index, item) in items.try_iter()?.enumerate() {
+        let text = match item.as_str() {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => std::borrow::Cow::Owned(item.to_string()),
+        };
+        let separator = if index > 0 { separator } else { "" };
+        if out.len() + separator.len() + text.len() > MAX_RENDERED_BYTES {
+            return Err(too_large("str.join"));
+        }
+        out.push_str(separator);
+        out.push_str(&text);
+    }
+    Ok(Value::from(out))
+}
+
+fn too_large(what: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{what}: result larger than the {MAX_RENDERED_BYTES}-byte prompt limit"),
+    )
 }
 
 /// Removes the `{% generation %}` / `{% endgeneration %}` markers some templates carry for
@@ -485,12 +545,6 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let json = serde_json::to_value(&value).map_err(|e| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("tojson: cannot serialize value: {e}"),
-        )
-    })?;
     let style = PyJsonStyle {
         indent,
         item_sep,
@@ -499,8 +553,104 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         ensure_ascii,
     };
     let mut out = String::new();
-    write_py_json(&json, &style, 0, &mut out);
+    write_py_value(&value, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
+}
+
+/// Writes a template value as Python's `json.dumps` would, straight from the value (no JSON copy
+/// of it first). Values can share structure (`[x, x]` doubled in a loop is small in memory but huge
+/// when written), so the output is refused past [`MAX_RENDERED_BYTES`] and nesting past
+/// [`MAX_TOJSON_DEPTH`], checked as it is written.
+fn write_py_value(
+    value: &Value,
+    style: &PyJsonStyle,
+    level: usize,
+    out: &mut String,
+) -> Result<(), Error> {
+    if out.len() > MAX_RENDERED_BYTES {
+        return Err(too_large("tojson"));
+    }
+    if level > MAX_TOJSON_DEPTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: value nested more than {MAX_TOJSON_DEPTH} levels deep"),
+        ));
+    }
+    match value.kind() {
+        ValueKind::String => write_py_string(value.as_str().unwrap_or_default(), style, out),
+        // As minijinja serializes them: plain objects as their string form.
+        ValueKind::Plain => write_py_string(&value.to_string(), style, out),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let mut items = value.try_iter()?.peekable();
+            if items.peek().is_none() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, item) in items.enumerate() {
+                if i > 0 {
+                    out.push_str(&style.item_sep);
+                }
+                write_newline_indent(style, level + 1, out);
+                write_py_value(&item, style, level + 1, out)?;
+            }
+            write_newline_indent(style, level, out);
+            out.push(']');
+        }
+        ValueKind::Map => {
+            let mut entries = Vec::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                entries.push((py_json_key(&key)?, item));
+            }
+            if entries.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            if style.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            out.push('{');
+            for (i, (key, item)) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&style.item_sep);
+                }
+                write_newline_indent(style, level + 1, out);
+                write_py_string(key, style, out);
+                out.push_str(&style.key_sep);
+                write_py_value(item, style, level + 1, out)?;
+            }
+            write_newline_indent(style, level, out);
+            out.push('}');
+        }
+        // Scalars (and bytes) as serde_json writes them, which is what Python prints.
+        _ => {
+            let json = serde_json::to_value(value).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: cannot serialize value: {e}"),
+                )
+            })?;
+            write_py_json(&json, style, level, out);
+        }
+    }
+    Ok(())
+}
+
+/// A map key as JSON writes it: strings as they are, numbers and booleans as text (as Python does).
+fn py_json_key(key: &Value) -> Result<String, Error> {
+    if let Some(text) = key.as_str() {
+        return Ok(text.to_string());
+    }
+    match serde_json::to_value(key) {
+        Ok(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Ok(serde_json::Value::Bool(b)) => Ok(b.to_string()),
+        Ok(serde_json::Value::Null) => Ok("null".to_string()),
+        _ => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: keys must be str, int, float, bool or None, not {}", key.kind()),
+        )),
+    }
 }
 
 /// How Python's `json.dumps` lays out its output.
@@ -521,7 +671,8 @@ fn write_newline_indent(style: &PyJsonStyle, level: usize, out: &mut String) {
     }
 }
 
-fn write_py_string(s: &str, ensure_ascii: bool, out: &mut String) {
+fn write_py_string(s: &str, style: &PyJsonStyle, out: &mut String) {
+    let ensure_ascii = style.ensure_ascii;
     // serde_json escapes exactly what Python escapes with ensure_ascii=False: `"`, `\`, and control
     // characters (\b \f \n \r \t by name, the rest as \u00XX).
     let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
@@ -552,7 +703,7 @@ fn write_py_json(value: &serde_json::Value, style: &PyJsonStyle, level: usize, o
             }
             _ => out.push_str(&n.to_string()),
         },
-        serde_json::Value::String(s) => write_py_string(s, style.ensure_ascii, out),
+        serde_json::Value::String(s) => write_py_string(s, style, out),
         serde_json::Value::Array(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -584,7 +735,7 @@ fn write_py_json(value: &serde_json::Value, style: &PyJsonStyle, level: usize, o
                     out.push_str(&style.item_sep);
                 }
                 write_newline_indent(style, level + 1, out);
-                write_py_string(key, style.ensure_ascii, out);
+                write_py_string(key, style, out);
                 out.push_str(&style.key_sep);
                 write_py_json(item, style, level + 1, out);
             }

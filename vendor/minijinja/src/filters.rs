@@ -1199,7 +1199,12 @@ mod builtins {
                     format!("can only sum numbers, got {}", value.kind()),
                 ));
             }
+            // wick patch: like the `+` operator, ensure the result could be
+            // paid for before adding (lists add lazily and are materialized
+            // without a check past 32 levels), and charge what was created.
+            ok!(ops::ensure_fuel_for_binop(state, "add", &rv, &value));
             rv = ok!(ops::add(&rv, &value));
+            ok!(state.charge_value(&rv));
         }
 
         Ok(rv)
@@ -2565,23 +2570,52 @@ mod builtins {
             .chain(others.0.iter().cloned())
             .collect::<Vec<_>>();
 
+        // wick patch: chains of chains (`x = x | chain(x)` in a loop) nested
+        // without bound: lookups and iteration recursed once per level (stack
+        // overflow) and `MergeSeq` flattening a shared chain is exponential.
+        // Lazy chains now only hold plain values; a chain that would nest is
+        // materialized first, with fuel ensured and charged per item.
+        let state = _state;
         if all_values.iter().all(|v| v.kind() == ValueKind::Map) {
-            Ok(Value::from_object(MergeDict::new(all_values)))
+            let merged = Value::from_object(MergeDict::new(all_values.clone()));
+            if !all_values
+                .iter()
+                .any(|v| v.downcast_object_ref::<MergeDict>().is_some())
+            {
+                return Ok(merged);
+            }
+            let keys = ok!(merged.try_iter());
+            let mut map = crate::value::value_map_with_capacity(0);
+            for key in checked(state.fuel_iter(keys)) {
+                let key = ok!(key);
+                ok!(state.ensure_slots(map.len().saturating_add(1).saturating_mul(2)));
+                let item = ok!(merged.get_item(&key));
+                map.insert(key, item);
+            }
+            return Ok(Value::from_object(map));
         } else if all_values
             .iter()
             .all(|v| matches!(v.kind(), ValueKind::Seq))
         {
-            Ok(Value::from_object(MergeSeq::new(all_values)))
-        } else {
-            // General iterator chaining behavior
-            Ok(Value::make_object_iterable(all_values, |values| {
-                Box::new(values.iter().flat_map(|v| match v.try_iter() {
-                    Ok(iter) => Box::new(iter) as Box<dyn Iterator<Item = Value> + Send + Sync>,
-                    Err(err) => Box::new(Some(Value::from(err)).into_iter())
-                        as Box<dyn Iterator<Item = Value> + Send + Sync>,
-                })) as Box<dyn Iterator<Item = Value> + Send + Sync>
-            }))
+            let total = all_values
+                .iter()
+                .try_fold(0usize, |acc, v| v.len().map(|len| acc.saturating_add(len)));
+            ok!(state.ensure_slots(total.unwrap_or(0)));
+            let nests = all_values.iter().any(|v| v.downcast_object_ref::<MergeSeq>().is_some());
+            if !nests {
+                return Ok(Value::from_object(MergeSeq::new(all_values)));
+            }
         }
+        // Mixed chains (and sequence chains that would nest) are materialized.
+        // Upstream keeps these lazy.
+        let mut items = Vec::new();
+        for value in &all_values {
+            for item in checked(state.fuel_iter(ok!(value.try_iter()))) {
+                ok!(state.ensure_slots(items.len().saturating_add(1)));
+                items.push(ok!(item));
+            }
+        }
+        Ok(Value::from(items))
     }
 
     /// Zip multiple iterables into tuples.

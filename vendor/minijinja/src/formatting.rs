@@ -1658,6 +1658,17 @@ mod str_format_style {
                         Some(FieldName::MappingKey(_)) => unreachable!(),
                     };
 
+                    // wick patch: `'{:>1000000000}'.format(x)` allocated the
+                    // padding before fuel was looked at.  Ensure the width and
+                    // precision can be paid for by the render that runs this
+                    // (`crate::value::walk`; the `format` filter already
+                    // ensures them through `format_printf_with`).
+                    ok!(crate::value::walk::ensure_bytes(
+                        result
+                            .len()
+                            .saturating_add(format_spec.width.unwrap_or(0))
+                            .saturating_add(format_spec.precision.unwrap_or(0))
+                    ));
                     // apply the spec to the replacement value, and insert the
                     // formatted result into final string
                     result.push_str(&ok!(format_spec.format(&arg)));

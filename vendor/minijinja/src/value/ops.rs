@@ -406,6 +406,22 @@ pub fn slice(
                 return Ok(Value::from(Tuple::from(values)));
             }
 
+            // wick patch: slicing a lazy iterable wrapped it in another lazy
+            // iterable, so `x = x[:]` in a loop built a chain whose iteration
+            // recursed once per level (stack overflow).  Slices of lazy
+            // iterables are materialized (charged per item) instead.
+            if step > 0 && obj.repr() == ObjectRepr::Iterable {
+                let len = obj.enumerator_len();
+                let (start, len) = get_offset_and_len(start, stop, || len.unwrap_or_default());
+                let items = match obj.try_iter() {
+                    Some(iter) => ok!(checked(state.fuel_iter(
+                        iter.skip(start).take(len).step_by(step as usize)
+                    ))
+                    .try_collect_vec()),
+                    None => Vec::new(),
+                };
+                return Ok(Value::from(items));
+            }
             if step > 0 {
                 let len = obj.enumerator_len().unwrap_or_default();
                 let (start, len) = get_offset_and_len(start, stop, || len);
@@ -535,6 +551,13 @@ pub fn add(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
             if let Some(len) = seq_concat_len(lhs, rhs) {
                 return materialize_seq_concat(lhs, rhs, len);
             }
+            // wick patch: upstream flattens the lazy chain here, which copies
+            // one reference per leaf: exponential when the chain shares
+            // itself (`x = x + x` with an unsized `x`).  Refuse instead.
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "cannot concatenate unsized iterables more than 32 levels deep",
+            ));
         }
 
         return Ok(Value::from_object(MergeSeq::new_iterable(values)));
@@ -689,27 +712,27 @@ fn repeat_iterable(n: &Value, seq: &DynObject) -> Result<Value, Error> {
         return Ok(Value::from(Tuple::from(values)));
     }
 
-    // This is not optimal.  We only query the enumerator for the length once
-    // but we support repeated iteration.  We could both lie about our length
-    // here and we could actually deal with an object that changes how much
-    // data it returns.  This is not really permissible so we won't try to
-    // improve on this here.
-    Ok(Value::make_object_iterable(seq.clone(), move |seq| {
-        Box::new(LenIterWrap(
-            repeated_len,
-            (0..n).flat_map(move |_| {
-                seq.try_iter().unwrap_or_else(|| {
-                    Box::new(
-                        std::iter::repeat(Value::from(Error::new(
-                            ErrorKind::InvalidOperation,
-                            "iterable did not iterate against expectations",
-                        )))
-                        .take(len),
-                    )
-                })
-            }),
-        ))
-    }))
+    // wick patch: repeat eagerly.  The lazy repeat wrapped `seq`, so
+    // `x = x * 1` in a loop built a chain whose iteration recursed once per
+    // level (stack overflow).  The engine ensured fuel for the result length
+    // before calling this (`binop_alloc_estimate`) and charges the list after.
+    let mut values = Vec::with_capacity(untrusted_size_hint(repeated_len));
+    for _ in 0..n {
+        match seq.try_iter() {
+            Some(iter) => {
+                for item in iter.take(len) {
+                    values.push(item);
+                }
+            }
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "iterable did not iterate against expectations",
+                ))
+            }
+        }
+    }
+    Ok(Value::from(values))
 }
 
 pub fn div(lhs: &Value, rhs: &Value) -> Result<Value, Error> {

@@ -97,6 +97,26 @@ fn exhaust() {
     }
 }
 
+/// Checks that `bytes` more bytes could be paid for by the ambient tracker
+/// (exhausting it if not), for code that has no `State` at hand.
+pub(crate) fn ensure_bytes(bytes: usize) -> Result<(), crate::Error> {
+    #[cfg(feature = "fuel")]
+    {
+        let units = crate::vm::fuel::cost_of(bytes, crate::vm::fuel::BYTE_COST);
+        AMBIENT
+            .try_with(|ambient| match *ambient.borrow() {
+                Some(ref tracker) => tracker.ensure(units),
+                None => Ok(()),
+            })
+            .unwrap_or(Ok(()))
+    }
+    #[cfg(not(feature = "fuel"))]
+    {
+        let _ = bytes;
+        Ok(())
+    }
+}
+
 /// Charges for visiting one item of a container in a walk: an item, plus the
 /// bytes of a string item.  Returns `false` when the walk must stop.
 #[inline]
