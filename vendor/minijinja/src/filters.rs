@@ -2601,7 +2601,9 @@ mod builtins {
                 .iter()
                 .try_fold(0usize, |acc, v| v.len().map(|len| acc.saturating_add(len)));
             ok!(state.ensure_slots(total.unwrap_or(0)));
-            let nests = all_values.iter().any(|v| v.downcast_object_ref::<MergeSeq>().is_some());
+            let nests = all_values
+                .iter()
+                .any(|v| v.downcast_object_ref::<MergeSeq>().is_some());
             if !nests {
                 return Ok(Value::from_object(MergeSeq::new(all_values)));
             }

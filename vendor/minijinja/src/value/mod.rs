@@ -978,9 +978,9 @@ impl Ord for Value {
                                 // we don't want to pay the cost of actually sorting the keys for
                                 // ordering so we just accept this for now.
                                 match (a.try_iter_pairs(), b.try_iter_pairs()) {
-                                    (Some(a), Some(b)) => a
-                                        .take_while(|(_, v)| walk::charge_item(v))
-                                        .cmp(b),
+                                    (Some(a), Some(b)) => {
+                                        a.take_while(|(_, v)| walk::charge_item(v)).cmp(b)
+                                    }
                                     _ => unreachable!(),
                                 }
                             }
@@ -2106,38 +2106,43 @@ impl serde::Serialize for Value {
                     ));
                 };
                 match o.repr() {
-                ObjectRepr::Plain => serializer.serialize_str(&o.to_string()),
-                ObjectRepr::Seq | ObjectRepr::Iterable => {
-                    use serde::ser::SerializeSeq;
-                    let mut seq = ok!(serializer.serialize_seq(o.enumerator_len()));
-                    if let Some(iter) = o.try_iter() {
-                        for item in checked(iter) {
-                            let item = ok!(item.map_err(serde::ser::Error::custom));
-                            if !walk::charge_item(&item) {
-                                return Err(serde::ser::Error::custom("engine ran out of fuel"));
+                    ObjectRepr::Plain => serializer.serialize_str(&o.to_string()),
+                    ObjectRepr::Seq | ObjectRepr::Iterable => {
+                        use serde::ser::SerializeSeq;
+                        let mut seq = ok!(serializer.serialize_seq(o.enumerator_len()));
+                        if let Some(iter) = o.try_iter() {
+                            for item in checked(iter) {
+                                let item = ok!(item.map_err(serde::ser::Error::custom));
+                                if !walk::charge_item(&item) {
+                                    return Err(serde::ser::Error::custom(
+                                        "engine ran out of fuel",
+                                    ));
+                                }
+                                ok!(seq.serialize_element(&item));
                             }
-                            ok!(seq.serialize_element(&item));
                         }
-                    }
 
-                    seq.end()
-                }
-                ObjectRepr::Map => {
-                    use serde::ser::SerializeMap;
-                    let mut map = ok!(serializer.serialize_map(None));
-                    if let Some(iter) = o.try_iter_pairs() {
-                        for pair in checked(iter) {
-                            let (key, value) = ok!(pair.map_err(serde::ser::Error::custom));
-                            if !walk::charge_item(&key) || !walk::charge_item(&value) {
-                                return Err(serde::ser::Error::custom("engine ran out of fuel"));
+                        seq.end()
+                    }
+                    ObjectRepr::Map => {
+                        use serde::ser::SerializeMap;
+                        let mut map = ok!(serializer.serialize_map(None));
+                        if let Some(iter) = o.try_iter_pairs() {
+                            for pair in checked(iter) {
+                                let (key, value) = ok!(pair.map_err(serde::ser::Error::custom));
+                                if !walk::charge_item(&key) || !walk::charge_item(&value) {
+                                    return Err(serde::ser::Error::custom(
+                                        "engine ran out of fuel",
+                                    ));
+                                }
+                                ok!(map.serialize_entry(&key, &value));
                             }
-                            ok!(map.serialize_entry(&key, &value));
                         }
-                    }
 
-                    map.end()
+                        map.end()
+                    }
                 }
-            }},
+            }
         }
     }
 }

@@ -414,9 +414,9 @@ pub fn slice(
                 let len = obj.enumerator_len();
                 let (start, len) = get_offset_and_len(start, stop, || len.unwrap_or_default());
                 let items = match obj.try_iter() {
-                    Some(iter) => ok!(checked(state.fuel_iter(
-                        iter.skip(start).take(len).step_by(step as usize)
-                    ))
+                    Some(iter) => ok!(checked(
+                        state.fuel_iter(iter.skip(start).take(len).step_by(step as usize))
+                    )
                     .try_collect_vec()),
                     None => Vec::new(),
                 };
@@ -952,7 +952,9 @@ pub(crate) fn binop_alloc_estimate(op: &str, lhs: &Value, rhs: &Value) -> u64 {
 /// iterating), or `None` for anything else.
 fn seq_len(value: &Value) -> Option<usize> {
     match value.0 {
-        ValueRepr::Object(ref obj) if matches!(obj.repr(), ObjectRepr::Seq | ObjectRepr::Iterable) => {
+        ValueRepr::Object(ref obj)
+            if matches!(obj.repr(), ObjectRepr::Seq | ObjectRepr::Iterable) =>
+        {
             obj.enumerator_len()
         }
         _ => None,

@@ -125,7 +125,10 @@ impl<'template, 'env> State<'template, 'env> {
             #[cfg(feature = "macros")]
             macro_context_pool: Default::default(),
             #[cfg(feature = "fuel")]
-            fuel_tracker: ctx.env().fuel().map(|fuel| std::sync::Arc::new(FuelTracker::new(fuel))),
+            fuel_tracker: ctx
+                .env()
+                .fuel()
+                .map(|fuel| std::sync::Arc::new(FuelTracker::new(fuel))),
             #[cfg(feature = "debug")]
             undefined_origins: Default::default(),
             ctx,
