@@ -103,6 +103,27 @@ impl MergeSeq {
             .saturating_add(1)
     }
 
+    /// wick patch: most values a lazy chain may flatten into (see `ops::add`).
+    pub(crate) const MAX_FLATTENED_VALUES: usize = 100_000;
+
+    /// wick patch: whether flattening `values` would give more than `cap`
+    /// values.  Walks at most `cap + 1` of them.
+    pub(crate) fn flattened_len_exceeds(values: &[Value], cap: usize) -> bool {
+        let mut count = 0usize;
+        let mut pending: Vec<Value> = values.iter().rev().cloned().collect();
+        while let Some(value) = pending.pop() {
+            if let Some(seq) = value.downcast_object_ref::<Self>() {
+                pending.extend(seq.values.iter().rev().cloned());
+            } else {
+                count += 1;
+            }
+            if count > cap || pending.len() > cap {
+                return true;
+            }
+        }
+        false
+    }
+
     fn push_flattened_value(value: &Value, values: &mut Vec<Value>) {
         let mut pending = vec![value.clone()];
         while let Some(value) = pending.pop() {

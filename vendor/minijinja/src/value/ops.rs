@@ -551,13 +551,16 @@ pub fn add(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
             if let Some(len) = seq_concat_len(lhs, rhs) {
                 return materialize_seq_concat(lhs, rhs, len);
             }
-            // wick patch: upstream flattens the lazy chain here, which copies
-            // one reference per leaf: exponential when the chain shares
-            // itself (`x = x + x` with an unsized `x`).  Refuse instead.
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "cannot concatenate unsized iterables more than 32 levels deep",
-            ));
+            // wick patch: `MergeSeq` flattens the lazy chain here, which
+            // copies one reference per leaf: exponential when the chain
+            // shares itself (`x = x + x` with an unsized `x`).  Refuse
+            // chains with too many leaves before flattening.
+            if MergeSeq::flattened_len_exceeds(&values, MergeSeq::MAX_FLATTENED_VALUES) {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "too many unsized iterables concatenated",
+                ));
+            }
         }
 
         return Ok(Value::from_object(MergeSeq::new_iterable(values)));

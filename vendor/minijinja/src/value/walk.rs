@@ -24,7 +24,9 @@
 //! [`drop_erased`]): it must never fail, so it defers deep levels instead.
 use std::cell::{Cell, RefCell};
 
-use crate::value::{Value, ValueRepr};
+use crate::value::Value;
+#[cfg(feature = "fuel")]
+use crate::value::ValueRepr;
 
 /// The deepest nesting a walk visits.  Real data (JSON from a request) is far
 /// shallower; a walk of this depth uses well under a megabyte of stack.
@@ -99,6 +101,7 @@ fn exhaust() {
 
 /// Checks that `bytes` more bytes could be paid for by the ambient tracker
 /// (exhausting it if not), for code that has no `State` at hand.
+#[cfg_attr(not(feature = "builtins"), allow(dead_code))]
 pub(crate) fn ensure_bytes(bytes: usize) -> Result<(), crate::Error> {
     #[cfg(feature = "fuel")]
     {
