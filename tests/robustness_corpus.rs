@@ -624,8 +624,10 @@ fn growth_bombs() -> Vec<(String, Vec<u8>, &'static str)> {
 #[test]
 fn template_growth_bombs_are_refused_naming_the_bound() {
     let bombs = growth_bombs();
-    let needles: Vec<(String, &'static str)> =
-        bombs.iter().map(|(n, _, needle)| (n.clone(), *needle)).collect();
+    let needles: Vec<(String, &'static str)> = bombs
+        .iter()
+        .map(|(n, _, needle)| (n.clone(), *needle))
+        .collect();
     let inputs = bombs.into_iter().map(|(n, data, _)| (n, data)).collect();
     let mut replay = replay("chat_template", inputs);
     for (name, needle) in needles {
@@ -1081,19 +1083,21 @@ fn safetensors_hostile_configs_with_real_weights_fail_cleanly() {
 #[test]
 fn fuzz_finding_reproducers_are_refused_cleanly() {
     let findings = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/findings");
-    let mut by_target: Vec<(&str, Vec<(String, Vec<u8>)>)> =
-        vec![("chat_template", Vec::new()), ("gguf_header", Vec::new())];
+    let mut templates = Vec::new();
+    let mut ggufs = Vec::new();
     for entry in std::fs::read_dir(findings).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let target = usize::from(name.contains("gguf"));
-        by_target[target]
-            .1
-            .push((name, std::fs::read(&path).unwrap()));
+        let input = (name.clone(), std::fs::read(&path).unwrap());
+        if name.contains("gguf") {
+            ggufs.push(input);
+        } else {
+            templates.push(input);
+        }
     }
     let mut violations = Vec::new();
     let mut replayed = 0;
-    for (target, inputs) in by_target {
+    for (target, inputs) in [("chat_template", templates), ("gguf_header", ggufs)] {
         let names: Vec<String> = inputs.iter().map(|(n, _)| n.clone()).collect();
         replayed += names.len();
         let mut replay = replay(target, inputs);

@@ -648,7 +648,10 @@ fn py_json_key(key: &Value) -> Result<String, Error> {
         Ok(serde_json::Value::Null) => Ok("null".to_string()),
         _ => Err(Error::new(
             ErrorKind::InvalidOperation,
-            format!("tojson: keys must be str, int, float, bool or None, not {}", key.kind()),
+            format!(
+                "tojson: keys must be str, int, float, bool or None, not {}",
+                key.kind()
+            ),
         )),
     }
 }
@@ -876,6 +879,100 @@ mod tests {
         let src = "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}";
         let err = render(src, json!([])).unwrap_err();
         assert!(matches!(err, TokenizerError::Template(_)));
+    }
+
+    /// A `/proc/self/status` memory field (`VmRSS:`, `VmHWM:`) in KiB.
+    fn proc_status_kib(name: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn doubling_a_list_is_refused_for_fuel_before_memory_grows() {
+        // F1: `s.v + s.v` 64 times is 2^64 items. minijinja 3.1 built it lazily and materialized it
+        // without charging fuel; the patched copy ensures fuel for the result length first.
+        let src = "{% set s = namespace(v=[1]) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}";
+        let before = proc_status_kib("VmRSS:");
+        // Writing 5 to clear_refs resets the peak (VmHWM) to the current RSS; without it, compare
+        // the RSS after the render.
+        let peak_field = if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+            "VmHWM:"
+        } else {
+            "VmRSS:"
+        };
+        let err = render(src, json!([])).unwrap_err();
+        let grown_mib = proc_status_kib(peak_field).saturating_sub(before) / 1024;
+        assert!(
+            matches!(&err, TokenizerError::Template(m) if m.contains("fuel")),
+            "{err}"
+        );
+        // A process-wide figure (other tests run alongside); unpatched, this grew until the
+        // allocator failed.
+        assert!(grown_mib < 200, "resident memory grew by {grown_mib} MiB");
+    }
+
+    #[test]
+    fn shared_structure_is_refused_when_walked() {
+        // `[x, x]` doubled 64 times is small in memory and 2^64 leaves when printed, compared or
+        // serialized.
+        let dag = "{% set s = namespace(v=[1], w=[1]) %}{% for i in range(64) %}{% set s.v = [s.v, s.v] %}{% set s.w = [s.w, s.w] %}{% endfor %}";
+        for (tail, needle) in [
+            ("{{ s.v }}", "fuel"),
+            ("{{ s.v ~ '' }}", "fuel"),
+            ("{{ s.v == s.w }}", "fuel"),
+            ("{{ s.v | tojson(indent=64) }}", "prompt limit"),
+            ("{{ ''.join(s.v) }}", "fuel"),
+        ] {
+            let err = render(&format!("{dag}{tail}"), json!([])).unwrap_err();
+            assert!(err.to_string().contains(needle), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn values_nested_deeper_than_any_stack_are_dropped_and_refused_when_walked() {
+        // 100,000 nested lists: dropping, printing or serializing them used to recurse once per
+        // level and overflow the stack (this test thread has the default 2 MiB).
+        let build = "{% set s = namespace(v=[1]) %}{% for i in range(100000) %}{% set s.v = [s.v] %}{% endfor %}";
+        assert_eq!(
+            render(&format!("{build}{{{{ s.v | length }}}}"), json!([])).unwrap(),
+            "1"
+        );
+        for tail in ["{{ s.v }}", "{{ s.v | tojson }}", "{{ s.v == [s.v] }}"] {
+            assert!(
+                render(&format!("{build}{tail}"), json!([])).is_err(),
+                "{tail}"
+            );
+        }
+    }
+
+    #[test]
+    fn python_join_and_tojson_keep_their_results_and_bound_them() {
+        assert_eq!(
+            render(
+                "{{ ', '.join(['a', 'b', 1]) }}|{{ {1: 2, 'x': [true, none, 1.5]} | tojson }}",
+                json!([])
+            )
+            .unwrap(),
+            "a, b, 1|{\"1\": 2, \"x\": [true, null, 1.5]}"
+        );
+        let err = render("{{ ''.join([('x' * 100000)] * 1000) }}", json!([])).unwrap_err();
+        assert!(err.to_string().contains("prompt limit"), "{err}");
+    }
+
+    #[test]
+    fn template_error_messages_are_cut() {
+        let err = render("{{ raise_exception('x' * 100000) }}", json!([])).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.len() < MAX_ERROR_MESSAGE_BYTES + 200,
+            "{} bytes",
+            message.len()
+        );
+        assert!(message.contains("bytes in all"), "{message}");
     }
 
     #[test]
