@@ -601,7 +601,11 @@ pub fn safe_sort<T, F>(seq: &mut [T], f: F) -> Result<(), Error>
 where
     F: FnMut(&T, &T) -> Ordering,
 {
-    #[cfg(feature = "internal_safe_search")]
+    // wick patch: with fuel compiled in, always catch the panic.  A comparison that runs
+    // out of fuel mid-sort stops early (see `crate::value::walk`), so the
+    // order is not total any more and `sort_by` may panic; the evaluation
+    // fails with `OutOfFuel` right after anyway.
+    #[cfg(any(feature = "internal_safe_search", feature = "fuel"))]
     {
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             seq.sort_by(f);
@@ -619,7 +623,7 @@ where
             ));
         }
     }
-    #[cfg(not(feature = "internal_safe_search"))]
+    #[cfg(not(any(feature = "internal_safe_search", feature = "fuel")))]
     {
         seq.sort_by(f);
     }
