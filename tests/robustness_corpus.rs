@@ -575,7 +575,7 @@ fn growth_bombs() -> Vec<(String, Vec<u8>, &'static str)> {
         ("doubling_lists", dag("s.v + s.v", "{{ s.v | length }}"), "fuel"),
         ("doubling_tuples", "{% set s = namespace(v=(1,)) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}".into(), "fuel"),
         ("doubling_lazy_repeat", "{% set s = namespace(v=[1] * 1000000) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}".into(), "fuel"),
-        ("doubling_unsized", "{% set s = namespace(v=[1] | select) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | list | length }}".into(), "fuel"),
+        ("doubling_filtered", "{% set s = namespace(v=[1] | select) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | list | length }}".into(), "fuel"),
         ("list_times_1e8", "{{ ([1] * 100000000) | length }}".into(), "fuel"),
         ("nested_list_times", "{{ [[1] * 1000000] * 1000000 }}".into(), "fuel"),
         ("sum_of_lists", "{{ ([[1] * 1000000] * 64) | sum(start=[]) | length }}".into(), "fuel"),
