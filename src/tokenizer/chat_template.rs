@@ -500,7 +500,7 @@ fn days_from_civil_year_start(year: i64) -> i64 {
 
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent)`.
 /// Accepts (and honours) `indent`, `sort_keys`, `ensure_ascii` and `separators` keyword arguments.
-fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+fn tojson(state: &minijinja::State, value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent = match kwargs.get::<Option<Value>>("indent")? {
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
@@ -553,15 +553,17 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         ensure_ascii,
     };
     let mut out = String::new();
-    write_py_value(&value, &style, 0, &mut out)?;
+    write_py_value(state, &value, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
 }
 
 /// Writes a template value as Python's `json.dumps` would, straight from the value (no JSON copy
 /// of it first). Values can share structure (`[x, x]` doubled in a loop is small in memory but huge
-/// when written), so the output is refused past [`MAX_RENDERED_BYTES`] and nesting past
-/// [`MAX_TOJSON_DEPTH`], checked as it is written.
+/// when written), so every container item written costs fuel of the render, and the output is
+/// refused past [`MAX_RENDERED_BYTES`] and nesting past [`MAX_TOJSON_DEPTH`], checked as it is
+/// written.
 fn write_py_value(
+    state: &minijinja::State,
     value: &Value,
     style: &PyJsonStyle,
     level: usize,
@@ -592,7 +594,8 @@ fn write_py_value(
                     out.push_str(&style.item_sep);
                 }
                 write_newline_indent(style, level + 1, out);
-                write_py_value(&item, style, level + 1, out)?;
+                state.consume_fuel(1)?;
+                write_py_value(state, &item, style, level + 1, out)?;
             }
             write_newline_indent(style, level, out);
             out.push(']');
@@ -600,6 +603,8 @@ fn write_py_value(
         ValueKind::Map => {
             let mut entries = Vec::new();
             for key in value.try_iter()? {
+                // A map entry costs two: its key is copied out to be written (and sorted).
+                state.consume_fuel(2)?;
                 let item = value.get_item(&key)?;
                 entries.push((py_json_key(&key)?, item));
             }
@@ -618,7 +623,7 @@ fn write_py_value(
                 write_newline_indent(style, level + 1, out);
                 write_py_string(key, style, out);
                 out.push_str(&style.key_sep);
-                write_py_value(item, style, level + 1, out)?;
+                write_py_value(state, item, style, level + 1, out)?;
             }
             write_newline_indent(style, level, out);
             out.push('}');
