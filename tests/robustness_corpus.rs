@@ -600,6 +600,9 @@ fn growth_bombs() -> Vec<(String, Vec<u8>, &'static str)> {
         ("py_join_repeated_strings", "{{ ''.join([('x' * 100000)] * 100000) | length }}".into(), "larger than"),
         ("str_format_width", "{{ '{:>1000000000}'.format('a') | length }}".into(), "fuel"),
         ("tojson_indent_string", "{{ ([1] * 1000000) | tojson(indent='\t' * 64) | length }}".into(), "larger than"),
+        // Work without growth: a long list visited again and again by Python methods.
+        ("list_count_in_a_loop", "{% set l = [0] * 1000000 %}{% for i in range(100000) %}{{ l.count(1) }}{% endfor %}".into(), "fuel"),
+        ("str_join_in_a_loop", "{% set l = [''] * 1000000 %}{% for i in range(100000) %}{{ ''.join(l) }}{% endfor %}".into(), "fuel"),
         // Deep chains: dropping, printing, comparing or serializing them recursed once per level.
         ("deep_list_dropped", deep("[s.v]", "{{ s.v | length }}"), RENDERS),
         ("deep_list_printed", deep("[s.v]", "{{ s.v }}"), "fuel"),

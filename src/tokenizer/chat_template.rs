@@ -298,28 +298,46 @@ fn template_error(err: Error) -> TokenizerError {
 }
 
 /// Python methods on values (`s.strip()`, `d.items()`, ...) through minijinja-contrib's pycompat,
-/// except `str.join`, which is done here: pycompat's charges fuel for the separators but not for the
-/// items, so `''.join([big] * n)` grew without bound before the result was charged.
+/// except `str.join` and `list.count`, which are done here with fuel: pycompat's `join` charges the
+/// separators but not the items, so `''.join([big] * n)` grew without bound before the result was
+/// charged, and its `count` visits every item for free (a loop of `l.count(x)` over a long list ran
+/// for hours).
 fn unknown_method(
     state: &mut minijinja::State,
     value: &Value,
     method: &str,
     args: &[Value],
 ) -> Result<Value, Error> {
-    if method == "join" {
-        if let Some(separator) = value.as_str() {
-            return py_str_join(separator, args);
+    match (method, value.kind()) {
+        ("join", ValueKind::String) => {
+            return py_str_join(state, value.as_str().unwrap_or_default(), args)
         }
+        ("count", ValueKind::Seq) => return py_list_count(state, value, args),
+        _ => {}
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
-/// `separator.join(items)`, refused once the result would pass [`MAX_RENDERED_BYTES`] (it could not
-/// be part of a prompt anyway).
-fn py_str_join(separator: &str, args: &[Value]) -> Result<Value, Error> {
+/// `list.count(x)`: one fuel per item compared.
+fn py_list_count(state: &minijinja::State, list: &Value, args: &[Value]) -> Result<Value, Error> {
+    let (what,): (&Value,) = minijinja::value::from_args(args)?;
+    let mut count = 0u64;
+    for item in list.try_iter()? {
+        state.consume_fuel(1)?;
+        if item == *what {
+            count += 1;
+        }
+    }
+    Ok(Value::from(count))
+}
+
+/// `separator.join(items)`: one fuel per item, refused once the result would pass
+/// [`MAX_RENDERED_BYTES`] (it could not be part of a prompt anyway).
+fn py_str_join(state: &minijinja::State, separator: &str, args: &[Value]) -> Result<Value, Error> {
     let (items,): (&Value,) = minijinja::value::from_args(args)?;
     let mut out = String::new();
     for (index, item) in items.try_iter()?.enumerate() {
+        state.consume_fuel(1)?;
         let text = match item.as_str() {
             Some(text) => std::borrow::Cow::Borrowed(text),
             None => std::borrow::Cow::Owned(item.to_string()),
@@ -955,7 +973,7 @@ mod tests {
     }
 
     #[test]
-    fn python_join_and_tojson_keep_their_results_and_bound_them() {
+    fn python_join_count_and_tojson_keep_their_results_and_bound_them() {
         assert_eq!(
             render(
                 "{{ ', '.join(['a', 'b', 1]) }}|{{ {1: 2, 'x': [true, none, 1.5]} | tojson }}",
@@ -964,6 +982,16 @@ mod tests {
             .unwrap(),
             "a, b, 1|{\"1\": 2, \"x\": [true, null, 1.5]}"
         );
+        assert_eq!(
+            render("{{ [1, 2, 1, [1]].count(1) }}", json!([])).unwrap(),
+            "2"
+        );
+        let err = render(
+            "{% set l = [0] * 100000 %}{% for i in range(100000) %}{{ l.count(1) }}{% endfor %}",
+            json!([]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
         let err = render("{{ ''.join([('x' * 100000)] * 1000) }}", json!([])).unwrap_err();
         assert!(err.to_string().contains("prompt limit"), "{err}");
     }
