@@ -10,6 +10,10 @@
 //! from a request. It still runs with a fuel budget (bounds instructions and allocations), a recursion
 //! limit and a cap on the rendered size, so a hostile template in a model repo cannot hang or exhaust
 //! the worker. No loader is registered, so `include`/`import`/`extends` cannot read anything.
+//! minijinja is the patched copy in `vendor/minijinja` (`WICK_PATCHES.md`): there fuel also covers
+//! list growth (`+`, `*`, `sum`, `chain`) and every walk over a value (printing, comparing,
+//! serializing), which upstream 3.1.0 charged only after the fact (finding F1). The filters and
+//! methods defined here (`tojson`, `str.join`, `list.count`) charge fuel per item themselves.
 
 use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
