@@ -623,29 +623,47 @@ fn write_py_value(
             out.push(']');
         }
         ValueKind::Map => {
+            // A map entry costs two fuel: its key is looked up again and written (or copied out to
+            // be sorted).
             let mut entries = Vec::new();
+            let mut written = 0usize;
             for key in value.try_iter()? {
-                // A map entry costs two: its key is copied out to be written (and sorted).
                 state.consume_fuel(2)?;
                 let item = value.get_item(&key)?;
-                entries.push((py_json_key(&key)?, item));
-            }
-            if entries.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            if style.sort_keys {
-                entries.sort_by(|a, b| a.0.cmp(&b.0));
-            }
-            out.push('{');
-            for (i, (key, item)) in entries.iter().enumerate() {
-                if i > 0 {
+                if style.sort_keys {
+                    entries.push((py_json_key(&key)?, item));
+                    continue;
+                }
+                if written == 0 {
+                    out.push('{');
+                } else {
                     out.push_str(&style.item_sep);
                 }
+                written += 1;
+                write_newline_indent(style, level + 1, out);
+                match key.as_str() {
+                    Some(text) => write_py_string(text, style, out),
+                    None => write_py_string(&py_json_key(&key)?, style, out),
+                }
+                out.push_str(&style.key_sep);
+                write_py_value(state, &item, style, level + 1, out)?;
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (key, item) in &entries {
+                if written == 0 {
+                    out.push('{');
+                } else {
+                    out.push_str(&style.item_sep);
+                }
+                written += 1;
                 write_newline_indent(style, level + 1, out);
                 write_py_string(key, style, out);
                 out.push_str(&style.key_sep);
                 write_py_value(state, item, style, level + 1, out)?;
+            }
+            if written == 0 {
+                out.push_str("{}");
+                return Ok(());
             }
             write_newline_indent(style, level, out);
             out.push('}');
@@ -989,6 +1007,15 @@ mod tests {
         assert_eq!(
             render("{{ [1, 2, 1, [1]].count(1) }}", json!([])).unwrap(),
             "2"
+        );
+        // Python: json.dumps(..., separators=(';', '=')) and (sort_keys=True, indent=1).
+        assert_eq!(
+            render(
+                "{{ {'a': 1, 'b': [1, 2]} | tojson(separators=[';', '=']) }}|{{ {'b': 1, 'a': {}} | tojson(sort_keys=true, indent=1) }}|{{ {} | tojson }}",
+                json!([])
+            )
+            .unwrap(),
+            "{\"a\"=1;\"b\"=[1;2]}|{\n \"a\": {},\n \"b\": 1\n}|{}"
         );
         let err = render(
             "{% set l = [0] * 100000 %}{% for i in range(100000) %}{{ l.count(1) }}{% endfor %}",
