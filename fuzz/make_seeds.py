@@ -279,5 +279,31 @@ put("chat_template", "methods", "{{ messages[0].content.upper().split('s') | toj
 put("chat_template", "deep_nesting", "{{" + "(" * 200 + "1" + ")" * 200 + "}}")
 put("chat_template", "namespace_loop", "{% set ns = namespace(x=[]) %}{% for m in messages %}"
                                        "{% set ns.x = ns.x + ns.x + [m] %}{% endfor %}{{ ns.x | length }}\0" + conv)
+# Growth bombs (finding F1 and its relatives, docs/ROBUSTNESS.md): values that grow faster than the
+# instructions that build them, or that share structure and are then walked. The CI replays more of
+# them with expectations (tests/robustness_corpus.rs, `growth_bombs`); these seed the mutator.
+def doubled(body, tail, n=64, start="[1]"):
+    return ("{% set s = namespace(v=" + start + ", w=" + start + ") %}{% for i in range(" + str(n) + ") %}"
+            "{% set s.v = " + body + " %}{% set s.w = " + body.replace("s.v", "s.w") + " %}{% endfor %}" + tail)
+
+
+put("chat_template", "grow_list_doubling", doubled("s.v + s.v", "{{ s.v | length }}") + "\0" + conv)
+put("chat_template", "grow_shared_printed", doubled("[s.v, s.v]", "{{ s.v }}{{ s.v ~ '' }}{{ s.v | string }}"))
+put("chat_template", "grow_shared_compared", doubled("[s.v, s.v]", "{{ s.v == s.w }}{{ [s.w, s.v] | sort }}"))
+put("chat_template", "grow_shared_serialized", doubled("[s.v, s.v]", "{{ s.v | tojson(indent=2) }}{{ s.v | pprint }}"))
+put("chat_template", "grow_shared_map", doubled("{'a': s.v, 'b': s.v}", "{{ s.v | tojson }}{{ s.v | dictsort }}",
+                                                 start="{'a': 1}"))
+put("chat_template", "grow_shared_joined", doubled("[s.v, s.v]", "{{ s.v | join(',') }}{{ ''.join(s.v) }}"
+                                                   "{{ (s.v | string).upper() }}"))
+put("chat_template", "grow_deep_chain", doubled("[s.v]", "{{ s.v | length }}{{ s.v }}{{ s.v | tojson }}{{ s.v == s.w }}",
+                                                n=100000))
+put("chat_template", "grow_lazy_chains", doubled("s.v[:] * 1", "{{ s.v | chain('ab') | list }}{{ s.v }}", n=100000))
+put("chat_template", "grow_sum_chain", doubled("[s.v, s.w] | sum(start=[])", "{{ (s.v | chain(s.w)) | length }}"))
+put("chat_template", "grow_repeated_strings", "{{ ([('x' * 100000)] * 100000) | join }}{{ ''.join([('y' * 1000)] * 100000) }}"
+                                              "{{ '{:>1000000000}'.format('a') }}{{ '%-1000000000s' | format('b') }}")
+put("chat_template", "grow_captured", "{% macro m() %}{{ caller() }}{% endmacro %}"
+                                      + doubled("[s.v, s.v]", "{% call m() %}{{ s.v }}{% endcall %}{% set x %}{{ s.w }}{% endset %}{{ x }}"))
+put("chat_template", "grow_strings", "{% set s = namespace(v='aa') %}{% for i in range(64) %}{% set s.v = s.v | replace('a', 'aa') %}"
+                                     "{% endfor %}{% for i in range(100000) %}{{ loop.cycle('a' * 1000, 'b') }}{% endfor %}")
 
 print("seeds written under", os.path.join(ROOT, "corpus"))

@@ -34,17 +34,6 @@ const CHILD_ADDRESS_SPACE: u64 = 3 << 30;
 /// Set in a child process: `TARGET:PATH` of the one input to run.
 const CHILD_ENV: &str = "WICK_ROBUSTNESS_REPLAY_INPUT";
 
-/// Inputs that show an open finding (see docs/ROBUSTNESS.md, "Findings"): left out of the CI replays
-/// so CI stays green, and replayed by the `#[ignore]`d `open_findings_*` tests, which fail until the
-/// owner fixes them. Remove a line when its fix lands.
-const OPEN_FINDINGS: &[(&str, &str)] = &[
-    ("doubling_lists", "F1: list `+` in a chat template is not charged fuel: memory grows without bound (job: src/tokenizer/chat_template.rs)"),
-];
-
-fn is_open_finding(name: &str) -> bool {
-    OPEN_FINDINGS.iter().any(|(n, _)| *n == name)
-}
-
 const TARGETS: [&str; 6] = [
     "job_input",
     "openai_request",
@@ -237,26 +226,18 @@ impl Replay {
 }
 
 /// Replays `inputs` through `target` (each in its own child), recording every crash or hang.
-/// Inputs of [`OPEN_FINDINGS`] are skipped unless `include_findings`.
-fn replay_with(target: &str, inputs: Vec<(String, Vec<u8>)>, include_findings: bool) -> Replay {
+fn replay(target: &str, inputs: Vec<(String, Vec<u8>)>) -> Replay {
     let mut replay = Replay {
         outcomes: Vec::new(),
         violations: Vec::new(),
     };
     for (name, data) in inputs {
-        if is_open_finding(&name) && !include_findings {
-            continue;
-        }
         match run_in_child(target, &data) {
             Ok(outcome) => replay.outcomes.push((name, outcome)),
             Err(why) => replay.violations.push(format!("{name}: {why}")),
         }
     }
     replay
-}
-
-fn replay(target: &str, inputs: Vec<(String, Vec<u8>)>) -> Replay {
-    replay_with(target, inputs, false)
 }
 
 fn is_rejected(outcome: &Outcome) -> bool {
@@ -273,6 +254,16 @@ fn none_accepted(outcomes: &[Outcome]) -> bool {
 
 fn accepted(outcomes: &[Outcome]) -> bool {
     outcomes == [Outcome::Accepted]
+}
+
+/// Refused with an error whose text contains `needle` (the entry point keeps its first 80 bytes).
+fn rejected_mentioning(needle: &'static str) -> impl Fn(&[Outcome]) -> bool {
+    move |outcomes| {
+        !outcomes.is_empty()
+            && outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Rejected(why) if why.contains(needle)))
+    }
 }
 
 /// A job-take body around `input`.
@@ -546,7 +537,6 @@ fn hostile_templates() -> Vec<(String, Vec<u8>)> {
         t("mutual_recursion", "{% macro a(n) %}{{ b(n) }}{% endmacro %}{% macro b(n) %}{{ a(n) }}{% endmacro %}{{ a(1) }}"),
         t("string_times_1e9", "{{ 'a' * 1000000000 }}"),
         t("doubling_strings", "{% set s = namespace(v='ab') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}"),
-        t("doubling_lists", "{% set s = namespace(v=[1]) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}"),
         t("include_etc_passwd", "{% include '../../etc/passwd' %}"),
         t("extends", "{% extends 'base.html' %}"),
         t("import", "{% from 'x' import y %}{{ y() }}"),
@@ -560,6 +550,101 @@ fn hostile_templates() -> Vec<(String, Vec<u8>)> {
         // Found by the fuzzer (chat_template, 3,240 inputs): `%}` overlapping the `{%`.
         t("overlapping_tag", "{%}"),
     ]
+}
+
+/// Templates that make a value grow faster than the instructions that build it (F1 and its
+/// relatives, fixed in the minijinja patch `vendor/minijinja/WICK_PATCHES.md` and in
+/// `chat_template.rs`): each must end in an error naming the bound that stopped it, with the child's
+/// memory capped at [`CHILD_ADDRESS_SPACE`]. The third field is a word the error must contain, or
+/// [`RENDERS`] for inputs that used to crash and now simply render.
+/// Expectation of a growth bomb that is bounded without an error (see [`growth_bombs`]).
+const RENDERS: &str = "(renders)";
+
+fn growth_bombs() -> Vec<(String, Vec<u8>, &'static str)> {
+    let conv = r#"[{"role":"user","content":"hi"}]"#;
+    // A list (or map) that holds the previous one twice: 64 doublings are 2^64 leaves.
+    let dag = |body: &str, tail: &str| {
+        format!("{{% set s = namespace(v=[1]) %}}{{% for i in range(64) %}}{{% set s.v = {body} %}}{{% endfor %}}{tail}")
+    };
+    // A chain 100,000 levels deep (deeper than any native stack can recurse).
+    let deep = |body: &str, tail: &str| {
+        format!("{{% set s = namespace(v=[1]) %}}{{% for i in range(100000) %}}{{% set s.v = {body} %}}{{% endfor %}}{tail}")
+    };
+    let cases: Vec<(&str, String, &'static str)> = vec![
+        // F1: `seq + seq` was lazy, then materialized past 32 levels without fuel.
+        ("doubling_lists", dag("s.v + s.v", "{{ s.v | length }}"), "fuel"),
+        ("doubling_tuples", "{% set s = namespace(v=(1,)) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}".into(), "fuel"),
+        ("doubling_lazy_repeat", "{% set s = namespace(v=[1] * 1000000) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}".into(), "fuel"),
+        ("doubling_filtered", "{% set s = namespace(v=[1] | select) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | list | length }}".into(), "fuel"),
+        ("list_times_1e8", "{{ ([1] * 100000000) | length }}".into(), "fuel"),
+        ("nested_list_times", "{{ [[1] * 1000000] * 1000000 }}".into(), "fuel"),
+        ("sum_of_lists", "{{ ([[1] * 1000000] * 64) | sum(start=[]) | length }}".into(), "fuel"),
+        ("sum_doubling", dag("[s.v, s.v] | sum(start=[])", "{{ s.v | length }}"), "fuel"),
+        ("chain_doubling_lists", dag("s.v | chain(s.v)", "{{ s.v | length }}"), "fuel"),
+        ("chain_doubling_maps", "{% set s = namespace(v={'a': 1}) %}{% for i in range(64) %}{% set s.v = s.v | chain(s.v, {i: i}) %}{% endfor %}{{ s.v | length }}".into(), RENDERS),
+        // Shared structure, then walked: printed, concatenated, compared, serialized.
+        ("dag_printed", dag("[s.v, s.v]", "{{ s.v }}"), "fuel"),
+        ("dag_concat", dag("[s.v, s.v]", "{{ (s.v ~ '') | length }}"), "fuel"),
+        ("dag_string_filter", dag("[s.v, s.v]", "{{ s.v | string | length }}"), "fuel"),
+        ("dag_pprint", dag("[s.v, s.v]", "{{ s.v | pprint | length }}"), "fuel"),
+        ("dag_join", dag("[s.v, s.v]", "{{ s.v | join(',') | length }}"), "fuel"),
+        ("dag_lower", dag("[s.v, s.v]", "{{ s.v | lower | length }}"), "fuel"),
+        ("dag_compare", "{% set s = namespace(v=[1], w=[1]) %}{% for i in range(64) %}{% set s.v = [s.v, s.v] %}{% set s.w = [s.w, s.w] %}{% endfor %}{{ s.v == s.w }}".into(), "fuel"),
+        ("dag_sort", "{% set s = namespace(v=[1], w=[1]) %}{% for i in range(64) %}{% set s.v = [s.v, s.v] %}{% set s.w = [s.w, s.w] %}{% endfor %}{{ [s.v, s.w] | sort | length }}".into(), "fuel"),
+        ("dag_tojson", dag("[s.v, s.v]", "{{ s.v | tojson(indent=64) | length }}"), "larger than"),
+        ("dag_py_join", dag("[s.v, s.v]", "{{ ''.join(s.v) | length }}"), "fuel"),
+        // The message is the value printed until the fuel ran out (and cut to 2 KiB).
+        ("dag_raise_exception", dag("[s.v, s.v]", "{{ raise_exception(s.v) }}"), "invalid operation"),
+        // Repeated large strings.
+        ("join_repeated_strings", "{{ ([('x' * 100000)] * 100000) | join | length }}".into(), "fuel"),
+        ("py_join_repeated_strings", "{{ ''.join([('x' * 100000)] * 100000) | length }}".into(), "larger than"),
+        ("str_format_width", "{{ '{:>1000000000}'.format('a') | length }}".into(), "fuel"),
+        ("tojson_indent_string", "{{ ([1] * 1000000) | tojson(indent='\t' * 64) | length }}".into(), "larger than"),
+        // Work without growth: a long list visited again and again by Python methods.
+        ("list_count_in_a_loop", "{% set l = [0] * 1000000 %}{% for i in range(100000) %}{{ l.count(1) }}{% endfor %}".into(), "fuel"),
+        ("str_join_in_a_loop", "{% set l = [''] * 1000000 %}{% for i in range(100000) %}{{ ''.join(l) }}{% endfor %}".into(), "fuel"),
+        // Deep chains: dropping, printing, comparing or serializing them recursed once per level.
+        ("deep_list_dropped", deep("[s.v]", "{{ s.v | length }}"), RENDERS),
+        ("deep_list_printed", deep("[s.v]", "{{ s.v }}"), "fuel"),
+        ("deep_list_compared", "{% set s = namespace(v=[1], w=[1]) %}{% for i in range(50000) %}{% set s.v = [s.v] %}{% set s.w = [s.w] %}{% endfor %}{{ s.v == s.w }}".into(), "fuel"),
+        ("deep_list_tojson", deep("[s.v]", "{{ s.v | tojson | length }}"), "nested"),
+        ("deep_slice_chain", deep("s.v[:]", "{{ s.v }}"), "fuel"),
+        ("deep_repeat_chain", deep("s.v * 1", "{{ s.v }}"), RENDERS),
+        ("deep_chain_chain", deep("s.v | chain('ab')", "{{ s.v | list | length }}"), "fuel"),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, template, needle)| {
+            (
+                name.to_string(),
+                format!("{template}\0{conv}").into_bytes(),
+                needle,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn template_growth_bombs_are_refused_naming_the_bound() {
+    let bombs = growth_bombs();
+    let needles: Vec<(String, &'static str)> = bombs
+        .iter()
+        .map(|(n, _, needle)| (n.clone(), *needle))
+        .collect();
+    let inputs = bombs.into_iter().map(|(n, data, _)| (n, data)).collect();
+    let mut replay = replay("chat_template", inputs);
+    for (name, needle) in needles {
+        if needle == RENDERS {
+            replay.expect(&name, "a render", accepted);
+        } else {
+            replay.expect(
+                &name,
+                &format!("a rejection mentioning {needle:?}"),
+                rejected_mentioning(needle),
+            );
+        }
+    }
+    replay.assert_clean();
 }
 
 #[test]
@@ -993,60 +1078,42 @@ fn safetensors_hostile_configs_with_real_weights_fail_cleanly() {
     replay.assert_clean();
 }
 
-// ---------------------------------------------------------------------------------- open findings
+// ---------------------------------------------------------------------------------- fuzz findings
 
-/// Every input named in [`OPEN_FINDINGS`], from wherever it is generated.
-fn open_finding_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
-    let mut all: Vec<(&'static str, String, Vec<u8>)> = Vec::new();
-    for (name, data) in hostile_templates() {
-        all.push(("chat_template", name, data));
-    }
-    for (name, data) in hostile_gguf() {
-        all.push(("gguf_header", name, data));
-    }
-    for (name, cfg) in configs_for_loading() {
-        all.push(("safetensors_header", name, micro_weights_with_config(&cfg)));
-    }
-    // Reproducers the fuzzer wrote (fuzz/findings/<finding>-<what>; the target is in the name).
+/// Replays every reproducer the fuzzer wrote (`fuzz/findings/<finding>-<what>`; the target is in
+/// the name). All findings are fixed, so each must be refused cleanly. A new open finding's
+/// reproducer is committed here together with its fix.
+#[test]
+fn fuzz_finding_reproducers_are_refused_cleanly() {
     let findings = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/findings");
+    let mut templates = Vec::new();
+    let mut ggufs = Vec::new();
     for entry in std::fs::read_dir(findings).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let target = if name.contains("gguf") {
-            "gguf_header"
+        let input = (name.clone(), std::fs::read(&path).unwrap());
+        if name.contains("gguf") {
+            ggufs.push(input);
         } else {
-            "chat_template"
-        };
-        all.push((target, name, std::fs::read(&path).unwrap()));
-    }
-    all.retain(|(_, name, _)| is_open_finding(name));
-    all
-}
-
-/// Replays the open findings; fails (listing them) until each is fixed. Run with
-/// `cargo test --test robustness_corpus -- --ignored`. Memory stays capped per child process.
-#[test]
-#[ignore = "open finding F1 (docs/ROBUSTNESS.md): fails until it is fixed"]
-fn open_findings_are_fixed() {
-    let inputs = open_finding_inputs();
-    assert_eq!(
-        inputs.len(),
-        OPEN_FINDINGS.len(),
-        "every open finding has an input"
-    );
-    let mut violations = Vec::new();
-    for (target, name, data) in inputs {
-        let replay = replay_with(target, vec![(name.clone(), data)], true);
-        violations.extend(replay.violations);
-        if let Some((_, outcome)) = replay.outcomes.first() {
-            if !all_rejected(outcome) {
-                violations.push(format!("{name}: expected rejection, got {outcome:?}"));
-            }
+            templates.push(input);
         }
     }
+    let mut violations = Vec::new();
+    let mut replayed = 0;
+    for (target, inputs) in [("chat_template", templates), ("gguf_header", ggufs)] {
+        let names: Vec<String> = inputs.iter().map(|(n, _)| n.clone()).collect();
+        replayed += names.len();
+        let mut replay = replay(target, inputs);
+        for name in &names {
+            replay.expect(name, "rejection", all_rejected);
+        }
+        violations.extend(replay.violations);
+    }
+    assert!(replayed >= 3, "fuzz/findings holds the F10-F12 reproducers");
     assert!(
         violations.is_empty(),
-        "open findings:\n{}",
+        "{} violation(s):\n{}",
+        violations.len(),
         violations.join("\n")
     );
 }

@@ -6,11 +6,5 @@
 mod entry;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    // Finding F10 (docs/ROBUSTNESS.md): a template containing `{%}` panics in
-    // `strip_generation_tags`. Reported and replayed by `open_findings_are_fixed`; skipped here so
-    // fuzzing goes past it. Remove this line once F10 is fixed.
-    if data.windows(3).any(|w| w == b"{%}") {
-        return;
-    }
     entry::chat_template(data);
 });

@@ -10,6 +10,10 @@
 //! from a request. It still runs with a fuel budget (bounds instructions and allocations), a recursion
 //! limit and a cap on the rendered size, so a hostile template in a model repo cannot hang or exhaust
 //! the worker. No loader is registered, so `include`/`import`/`extends` cannot read anything.
+//! minijinja is the patched copy in `vendor/minijinja` (`WICK_PATCHES.md`): there fuel also covers
+//! list growth (`+`, `*`, `sum`, `chain`) and every walk over a value (printing, comparing,
+//! serializing), which upstream 3.1.0 charged only after the fact (finding F1). The filters and
+//! methods defined here (`tojson`, `str.join`, `list.count`) charge fuel per item themselves.
 
 use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
@@ -29,6 +33,12 @@ const MAX_RENDERED_BYTES: usize = 16 * 1024 * 1024;
 
 /// Largest `indent` the `tojson` filter accepts (Python accepts any; we bound the output).
 const MAX_TOJSON_INDENT: usize = 64;
+
+/// Deepest nesting `tojson` writes (request JSON is at most 64 deep).
+const MAX_TOJSON_DEPTH: usize = 128;
+
+/// Longest template error message kept (a template can put anything in `raise_exception`).
+const MAX_ERROR_MESSAGE_BYTES: usize = 2048;
 
 /// Name of the one template registered in a [`ChatTemplate`]'s environment.
 const TEMPLATE_NAME: &str = "chat_template";
@@ -138,7 +148,7 @@ impl ChatTemplate {
             .build()
             .map_err(template_error)?;
         env.set_syntax(syntax);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(unknown_method);
         env.set_fuel(Some(RENDER_FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
         // Prompts are not HTML: never escape.
@@ -269,7 +279,8 @@ impl crate::tokenizer::Tokenizer {
     }
 }
 
-/// Formats a minijinja error with its cause chain (e.g. the `raise_exception` message).
+/// Formats a minijinja error with its cause chain (e.g. the `raise_exception` message), cut to
+/// [`MAX_ERROR_MESSAGE_BYTES`]: the message can quote any value the template made.
 fn template_error(err: Error) -> TokenizerError {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(&err);
@@ -278,7 +289,78 @@ fn template_error(err: Error) -> TokenizerError {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let total = message.len();
+        let mut cut = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(&format!("... ({total} bytes in all)"));
+    }
     TokenizerError::Template(message)
+}
+
+/// Python methods on values (`s.strip()`, `d.items()`, ...) through minijinja-contrib's pycompat,
+/// except `str.join` and `list.count`, which are done here with fuel: pycompat's `join` charges the
+/// separators but not the items, so `''.join([big] * n)` grew without bound before the result was
+/// charged, and its `count` visits every item for free (a loop of `l.count(x)` over a long list ran
+/// for hours).
+fn unknown_method(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    match (method, value.kind()) {
+        ("join", ValueKind::String) => {
+            return py_str_join(state, value.as_str().unwrap_or_default(), args)
+        }
+        ("count", ValueKind::Seq) => return py_list_count(state, value, args),
+        _ => {}
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// `list.count(x)`: one fuel per item compared.
+fn py_list_count(state: &minijinja::State, list: &Value, args: &[Value]) -> Result<Value, Error> {
+    let (what,): (&Value,) = minijinja::value::from_args(args)?;
+    let mut count = 0u64;
+    for item in list.try_iter()? {
+        state.consume_fuel(1)?;
+        if item == *what {
+            count += 1;
+        }
+    }
+    Ok(Value::from(count))
+}
+
+/// `separator.join(items)`: one fuel per item, refused once the result would pass
+/// [`MAX_RENDERED_BYTES`] (it could not be part of a prompt anyway).
+fn py_str_join(state: &minijinja::State, separator: &str, args: &[Value]) -> Result<Value, Error> {
+    let (items,): (&Value,) = minijinja::value::from_args(args)?;
+    let mut out = String::new();
+    for (index, item) in items.try_iter()?.enumerate() {
+        state.consume_fuel(1)?;
+        let text = match item.as_str() {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => std::borrow::Cow::Owned(item.to_string()),
+        };
+        let separator = if index > 0 { separator } else { "" };
+        if out.len() + separator.len() + text.len() > MAX_RENDERED_BYTES {
+            return Err(too_large("str.join"));
+        }
+        out.push_str(separator);
+        out.push_str(&text);
+    }
+    Ok(Value::from(out))
+}
+
+fn too_large(what: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{what}: result larger than the {MAX_RENDERED_BYTES}-byte prompt limit"),
+    )
 }
 
 /// Removes the `{% generation %}` / `{% endgeneration %}` markers some templates carry for
@@ -440,7 +522,7 @@ fn days_from_civil_year_start(year: i64) -> i64 {
 
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent)`.
 /// Accepts (and honours) `indent`, `sort_keys`, `ensure_ascii` and `separators` keyword arguments.
-fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+fn tojson(state: &minijinja::State, value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent = match kwargs.get::<Option<Value>>("indent")? {
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
@@ -485,12 +567,6 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let json = serde_json::to_value(&value).map_err(|e| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("tojson: cannot serialize value: {e}"),
-        )
-    })?;
     let style = PyJsonStyle {
         indent,
         item_sep,
@@ -499,8 +575,130 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         ensure_ascii,
     };
     let mut out = String::new();
-    write_py_json(&json, &style, 0, &mut out);
+    write_py_value(state, &value, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
+}
+
+/// Writes a template value as Python's `json.dumps` would, straight from the value (no JSON copy
+/// of it first). Values can share structure (`[x, x]` doubled in a loop is small in memory but huge
+/// when written), so every container item written costs fuel of the render, and the output is
+/// refused past [`MAX_RENDERED_BYTES`] and nesting past [`MAX_TOJSON_DEPTH`], checked as it is
+/// written.
+fn write_py_value(
+    state: &minijinja::State,
+    value: &Value,
+    style: &PyJsonStyle,
+    level: usize,
+    out: &mut String,
+) -> Result<(), Error> {
+    if out.len() > MAX_RENDERED_BYTES {
+        return Err(too_large("tojson"));
+    }
+    if level > MAX_TOJSON_DEPTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: value nested more than {MAX_TOJSON_DEPTH} levels deep"),
+        ));
+    }
+    match value.kind() {
+        ValueKind::String => write_py_string(value.as_str().unwrap_or_default(), style, out),
+        // As minijinja serializes them: plain objects as their string form.
+        ValueKind::Plain => write_py_string(&value.to_string(), style, out),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let mut items = value.try_iter()?.peekable();
+            if items.peek().is_none() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, item) in items.enumerate() {
+                if i > 0 {
+                    out.push_str(&style.item_sep);
+                }
+                write_newline_indent(style, level + 1, out);
+                state.consume_fuel(1)?;
+                write_py_value(state, &item, style, level + 1, out)?;
+            }
+            write_newline_indent(style, level, out);
+            out.push(']');
+        }
+        ValueKind::Map => {
+            // A map entry costs two fuel: its key is looked up again and written (or copied out to
+            // be sorted).
+            let mut entries = Vec::new();
+            let mut written = 0usize;
+            for key in value.try_iter()? {
+                state.consume_fuel(2)?;
+                let item = value.get_item(&key)?;
+                if style.sort_keys {
+                    entries.push((py_json_key(&key)?, item));
+                    continue;
+                }
+                if written == 0 {
+                    out.push('{');
+                } else {
+                    out.push_str(&style.item_sep);
+                }
+                written += 1;
+                write_newline_indent(style, level + 1, out);
+                match key.as_str() {
+                    Some(text) => write_py_string(text, style, out),
+                    None => write_py_string(&py_json_key(&key)?, style, out),
+                }
+                out.push_str(&style.key_sep);
+                write_py_value(state, &item, style, level + 1, out)?;
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (key, item) in &entries {
+                if written == 0 {
+                    out.push('{');
+                } else {
+                    out.push_str(&style.item_sep);
+                }
+                written += 1;
+                write_newline_indent(style, level + 1, out);
+                write_py_string(key, style, out);
+                out.push_str(&style.key_sep);
+                write_py_value(state, item, style, level + 1, out)?;
+            }
+            if written == 0 {
+                out.push_str("{}");
+                return Ok(());
+            }
+            write_newline_indent(style, level, out);
+            out.push('}');
+        }
+        // Scalars (and bytes) as serde_json writes them, which is what Python prints.
+        _ => {
+            let json = serde_json::to_value(value).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: cannot serialize value: {e}"),
+                )
+            })?;
+            write_py_json(&json, style, level, out);
+        }
+    }
+    Ok(())
+}
+
+/// A map key as JSON writes it: strings as they are, numbers and booleans as text (as Python does).
+fn py_json_key(key: &Value) -> Result<String, Error> {
+    if let Some(text) = key.as_str() {
+        return Ok(text.to_string());
+    }
+    match serde_json::to_value(key) {
+        Ok(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Ok(serde_json::Value::Bool(b)) => Ok(b.to_string()),
+        Ok(serde_json::Value::Null) => Ok("null".to_string()),
+        _ => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "tojson: keys must be str, int, float, bool or None, not {}",
+                key.kind()
+            ),
+        )),
+    }
 }
 
 /// How Python's `json.dumps` lays out its output.
@@ -521,7 +719,8 @@ fn write_newline_indent(style: &PyJsonStyle, level: usize, out: &mut String) {
     }
 }
 
-fn write_py_string(s: &str, ensure_ascii: bool, out: &mut String) {
+fn write_py_string(s: &str, style: &PyJsonStyle, out: &mut String) {
+    let ensure_ascii = style.ensure_ascii;
     // serde_json escapes exactly what Python escapes with ensure_ascii=False: `"`, `\`, and control
     // characters (\b \f \n \r \t by name, the rest as \u00XX).
     let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
@@ -552,7 +751,7 @@ fn write_py_json(value: &serde_json::Value, style: &PyJsonStyle, level: usize, o
             }
             _ => out.push_str(&n.to_string()),
         },
-        serde_json::Value::String(s) => write_py_string(s, style.ensure_ascii, out),
+        serde_json::Value::String(s) => write_py_string(s, style, out),
         serde_json::Value::Array(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -584,7 +783,7 @@ fn write_py_json(value: &serde_json::Value, style: &PyJsonStyle, level: usize, o
                     out.push_str(&style.item_sep);
                 }
                 write_newline_indent(style, level + 1, out);
-                write_py_string(key, style.ensure_ascii, out);
+                write_py_string(key, style, out);
                 out.push_str(&style.key_sep);
                 write_py_json(item, style, level + 1, out);
             }
@@ -725,6 +924,119 @@ mod tests {
         let src = "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}";
         let err = render(src, json!([])).unwrap_err();
         assert!(matches!(err, TokenizerError::Template(_)));
+    }
+
+    /// A `/proc/self/status` memory field (`VmRSS:`, `VmHWM:`) in KiB.
+    fn proc_status_kib(name: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn doubling_a_list_is_refused_for_fuel_before_memory_grows() {
+        // F1: `s.v + s.v` 64 times is 2^64 items. minijinja 3.1 built it lazily and materialized it
+        // without charging fuel; the patched copy ensures fuel for the result length first.
+        let src = "{% set s = namespace(v=[1]) %}{% for i in range(64) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v | length }}";
+        let before = proc_status_kib("VmRSS:");
+        // Writing 5 to clear_refs resets the peak (VmHWM) to the current RSS; without it, compare
+        // the RSS after the render.
+        let peak_field = if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+            "VmHWM:"
+        } else {
+            "VmRSS:"
+        };
+        let err = render(src, json!([])).unwrap_err();
+        let grown_mib = proc_status_kib(peak_field).saturating_sub(before) / 1024;
+        assert!(
+            matches!(&err, TokenizerError::Template(m) if m.contains("fuel")),
+            "{err}"
+        );
+        // A process-wide figure (other tests run alongside); unpatched, this grew until the
+        // allocator failed.
+        assert!(grown_mib < 200, "resident memory grew by {grown_mib} MiB");
+    }
+
+    #[test]
+    fn shared_structure_is_refused_when_walked() {
+        // `[x, x]` doubled 64 times is small in memory and 2^64 leaves when printed, compared or
+        // serialized.
+        let dag = "{% set s = namespace(v=[1], w=[1]) %}{% for i in range(64) %}{% set s.v = [s.v, s.v] %}{% set s.w = [s.w, s.w] %}{% endfor %}";
+        for (tail, needle) in [
+            ("{{ s.v }}", "fuel"),
+            ("{{ s.v ~ '' }}", "fuel"),
+            ("{{ s.v == s.w }}", "fuel"),
+            ("{{ s.v | tojson(indent=64) }}", "prompt limit"),
+            ("{{ ''.join(s.v) }}", "fuel"),
+        ] {
+            let err = render(&format!("{dag}{tail}"), json!([])).unwrap_err();
+            assert!(err.to_string().contains(needle), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn values_nested_deeper_than_any_stack_are_dropped_and_refused_when_walked() {
+        // 100,000 nested lists: dropping, printing or serializing them used to recurse once per
+        // level and overflow the stack (this test thread has the default 2 MiB).
+        let build = "{% set s = namespace(v=[1]) %}{% for i in range(100000) %}{% set s.v = [s.v] %}{% endfor %}";
+        assert_eq!(
+            render(&format!("{build}{{{{ s.v | length }}}}"), json!([])).unwrap(),
+            "1"
+        );
+        for tail in ["{{ s.v }}", "{{ s.v | tojson }}", "{{ s.v == [s.v] }}"] {
+            assert!(
+                render(&format!("{build}{tail}"), json!([])).is_err(),
+                "{tail}"
+            );
+        }
+    }
+
+    #[test]
+    fn python_join_count_and_tojson_keep_their_results_and_bound_them() {
+        assert_eq!(
+            render(
+                "{{ ', '.join(['a', 'b', 1]) }}|{{ {1: 2, 'x': [true, none, 1.5]} | tojson }}",
+                json!([])
+            )
+            .unwrap(),
+            "a, b, 1|{\"1\": 2, \"x\": [true, null, 1.5]}"
+        );
+        assert_eq!(
+            render("{{ [1, 2, 1, [1]].count(1) }}", json!([])).unwrap(),
+            "2"
+        );
+        // Python: json.dumps(..., separators=(';', '=')) and (sort_keys=True, indent=1).
+        assert_eq!(
+            render(
+                "{{ {'a': 1, 'b': [1, 2]} | tojson(separators=[';', '=']) }}|{{ {'b': 1, 'a': {}} | tojson(sort_keys=true, indent=1) }}|{{ {} | tojson }}",
+                json!([])
+            )
+            .unwrap(),
+            "{\"a\"=1;\"b\"=[1;2]}|{\n \"a\": {},\n \"b\": 1\n}|{}"
+        );
+        let err = render(
+            "{% set l = [0] * 100000 %}{% for i in range(100000) %}{{ l.count(1) }}{% endfor %}",
+            json!([]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+        let err = render("{{ ''.join([('x' * 100000)] * 1000) }}", json!([])).unwrap_err();
+        assert!(err.to_string().contains("prompt limit"), "{err}");
+    }
+
+    #[test]
+    fn template_error_messages_are_cut() {
+        let err = render("{{ raise_exception('x' * 100000) }}", json!([])).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.len() < MAX_ERROR_MESSAGE_BYTES + 200,
+            "{} bytes",
+            message.len()
+        );
+        assert!(message.contains("bytes in all"), "{message}");
     }
 
     #[test]
