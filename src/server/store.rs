@@ -259,29 +259,30 @@ impl JobStore {
         if record.status.is_final() {
             return Some(record.status);
         }
-        record.status = JobStatus::Cancelled;
-        record.finished = Some(now);
-        record.cancel.cancel();
-        record.changed.notify_waiters();
+        mark_cancelled(record, now);
         inner.finished_order.push_back((now, id.to_string()));
         Some(JobStatus::Cancelled)
     }
 
-    /// Cancels every job still IN_QUEUE; returns how many.
+    /// Cancels every job still IN_QUEUE; returns how many. One critical section: a job that starts
+    /// (or ends) concurrently is either purged while still queued or left alone, never cancelled
+    /// after it began running (found by `tests/race_stress.rs`).
     pub fn purge_queued(&self) -> usize {
-        let queued: Vec<String> = {
-            let inner = self.lock();
-            inner
-                .jobs
-                .iter()
-                .filter(|(_, r)| r.status == JobStatus::InQueue)
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        queued
-            .iter()
-            .filter(|id| self.cancel(id) == Some(JobStatus::Cancelled))
-            .count()
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let StoreInner {
+            jobs,
+            finished_order,
+        } = &mut *inner;
+        let mut purged = 0;
+        for (id, record) in jobs.iter_mut() {
+            if record.status == JobStatus::InQueue {
+                mark_cancelled(record, now);
+                finished_order.push_back((now, id.clone()));
+                purged += 1;
+            }
+        }
+        purged
     }
 
     /// Puts a FAILED or TIMED_OUT job back in the queue. `Ok(None)` for an unknown id, `Err(status)`
@@ -385,6 +386,14 @@ impl JobStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Ends a queued or running job as CANCELLED (the caller records it in `finished_order`).
+fn mark_cancelled(record: &mut JobRecord, now: Instant) {
+    record.status = JobStatus::Cancelled;
+    record.finished = Some(now);
+    record.cancel.cancel();
+    record.changed.notify_waiters();
 }
 
 fn millis(d: Duration) -> u64 {
