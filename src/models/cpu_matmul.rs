@@ -28,8 +28,6 @@ const LANES: usize = 16;
 /// Most rows of `x` per kernel call (`MR_MAX x 2` accumulators + 2 weight vectors + 1 broadcast fit
 /// the 32 vector registers).
 const MR_MAX: usize = 12;
-/// Below this many multiply-adds a matmul runs on the calling thread (thread hand-off costs more).
-const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// `false` turns the packed kernels off process-wide (checkpoints loaded afterwards use candle's
 /// matmul); for comparisons and as an escape hatch (`WICK_CPU_MATMUL=candle`).
@@ -162,6 +160,7 @@ impl PackedMatrix {
 impl PanelKernel for PackedMatrix {
     type Input<'a> = &'a [f32];
     const MR_MAX: usize = MR_MAX;
+    const PARALLEL_MIN_MACS: usize = 1 << 18;
 
     fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
@@ -204,6 +203,9 @@ pub(crate) trait PanelKernel: Sync {
         Self: 'a;
     /// Most rows of `x` per kernel call.
     const MR_MAX: usize;
+    /// Below this many multiply-adds a matmul runs on the calling thread (a thread hand-off costs
+    /// more than it saves).
+    const PARALLEL_MIN_MACS: usize;
 
     /// `(rows, cols)` of the unpacked matrix.
     fn dims(&self) -> (usize, usize);
@@ -248,7 +250,7 @@ pub(crate) fn matmul_into<K: PanelKernel>(
     let pairs = panels.div_ceil(2);
     let threads = threads.clamp(1, pairs);
     let out = OutPtr(c.as_mut_ptr());
-    if threads == 1 || m * rows * cols < PARALLEL_MIN_MACS {
+    if threads == 1 || m * rows * cols < K::PARALLEL_MIN_MACS {
         // SAFETY: `out` points at `c`, (m, rows), exclusively borrowed here; panels in range.
         unsafe { run_panels(weight, &x, m, out, 0, panels) };
         return;
