@@ -138,11 +138,19 @@ fn a_decode_step_gives_bit_identical_logits_alone_and_in_a_batch() {
                 token_ids: &tokens,
                 seqs: &seqs,
             };
-            model.forward(&batch, cache).unwrap().to_vec2::<f32>().unwrap()
+            model
+                .forward(&batch, cache)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
         };
         let alone = step(&[1], &mut cache).remove(0);
         let batched = step(&[2, 1, 0], &mut cache).remove(1);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&alone), bits(&batched), "{name}: slot 1 alone vs in a batch of 3");
+        assert_eq!(
+            bits(&alone),
+            bits(&batched),
+            "{name}: slot 1 alone vs in a batch of 3"
+        );
     }
 }

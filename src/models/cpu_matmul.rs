@@ -21,7 +21,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Lanes of one AVX-512 f32 vector, and rows of `W` per panel.
 const LANES: usize = 16;
@@ -104,16 +105,31 @@ impl PackedMatrix {
             return Ok(None);
         }
         let (rows, cols) = w.dims2()?;
-        let values = w.flatten_all()?.to_vec1::<f32>()?; // (rows * cols), row-major
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("packing needs a contiguous f32 CPU tensor");
+        };
+        let values = &all[start..end]; // (rows, cols) row-major, read in place
         let n_panels = rows.div_ceil(LANES);
         let mut panels = vec![Lanes([0.0; LANES]); n_panels * cols];
-        for (row, row_values) in values.chunks_exact(cols.max(1)).enumerate() {
-            let (panel, lane) = (row / LANES, row % LANES);
-            let blocks = &mut panels[panel * cols..(panel + 1) * cols];
-            for (block, &value) in blocks.iter_mut().zip(row_values) {
-                block.0[lane] = value;
-            }
-        }
+        // Panel by panel: 16 source rows read side by side, each 64-byte block written once; the
+        // panels are independent, so they are filled on all engine threads.
+        panels
+            .par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(panel, blocks)| {
+                let first = panel * LANES;
+                let lanes = (rows - first).min(LANES);
+                let source = &values[first * cols..(first + lanes) * cols];
+                for (k, block) in blocks.iter_mut().enumerate() {
+                    for (lane, value) in block.0.iter_mut().take(lanes).enumerate() {
+                        *value = source[lane * cols + k];
+                    }
+                }
+            });
         Ok(Some(Self { panels, rows, cols }))
     }
 
