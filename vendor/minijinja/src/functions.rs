@@ -545,7 +545,10 @@ mod builtins {
     /// or both (same behavior as [`dict`]).
     #[cfg_attr(docsrs, doc(cfg(feature = "builtins")))]
     pub fn namespace(defaults: Option<crate::value::ValueOrKwargs>) -> Result<Value, Error> {
-        let ns = crate::value::namespace_object::Namespace::default();
+        // wick patch: the namespace is remembered for the end of the render (cycle breaking, see
+        // `value::namespace_object::RenderScope`).
+        let ns = std::sync::Arc::new(crate::value::namespace_object::Namespace::default());
+        crate::value::namespace_object::remember_for_render(&ns);
         if let Some(defaults) = defaults {
             let defaults = defaults.into_value();
             if let Some(pairs) = defaults
@@ -569,7 +572,9 @@ mod builtins {
                 ));
             }
         }
-        Ok(Value::from_object(ns))
+        Ok(Value::from(crate::value::ValueRepr::Object(
+            crate::value::DynObject::new(ns),
+        )))
     }
 }
 

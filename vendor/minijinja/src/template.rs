@@ -282,6 +282,8 @@ impl<'env, 'source> Template<'env, 'source> {
     }
 
     fn _render(&self, root: Value) -> Result<String, Error> {
+        // wick patch: namespaces made by this render are emptied when it ends (cycle breaking).
+        let _scope = crate::value::namespace_object::RenderScope::enter();
         let mut rv = String::with_capacity(self.compiled.buffer_size_hint);
         self._eval(root, &mut Output::new(&mut rv)).map(|_| rv)
     }
