@@ -310,13 +310,7 @@ impl Journal {
     /// # Errors
     /// [`JournalError::Io`] when the directory cannot be read.
     pub fn usage(&self) -> Result<(usize, u64), JournalError> {
-        let entries = self.entries()?;
-        let bytes = entries
-            .iter()
-            .filter_map(|path| fs::metadata(path).ok())
-            .map(|meta| meta.len())
-            .sum();
-        Ok((entries.len(), bytes))
+        Ok(crate::queue::spool::count_and_bytes(&self.entries()?))
     }
 
     /// Writes (or replaces) an entry atomically: unique temp file (0600), then rename (no fsync:

@@ -202,13 +202,7 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Io`] when the directory cannot be read.
     pub fn usage(&self) -> Result<(usize, u64), SpoolError> {
-        let entries = self.entries()?;
-        let bytes = entries
-            .iter()
-            .filter_map(|path| fs::metadata(path).ok())
-            .map(|meta| meta.len())
-            .sum();
-        Ok((entries.len(), bytes))
+        Ok(count_and_bytes(&self.entries()?))
     }
 
     /// Writes (or replaces) a job's entry durably: unique temp file (0600), fsync, rename, fsync
@@ -493,6 +487,16 @@ pub(super) fn io_error(
 
 pub(super) fn file_name(path: &Path) -> &str {
     path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+}
+
+/// How many `files` there are and their total size (files that vanished meanwhile count 0 bytes).
+pub(crate) fn count_and_bytes(files: &[PathBuf]) -> (usize, u64) {
+    let bytes = files
+        .iter()
+        .filter_map(|path| fs::metadata(path).ok())
+        .map(|meta| meta.len())
+        .sum();
+    (files.len(), bytes)
 }
 
 #[cfg(test)]
