@@ -239,9 +239,17 @@ impl EngineState {
         // A panic in model code must not take the engine thread (and every stream) down with it.
         let (model, cache) = (&self.model, &mut self.cache);
         let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model
-                .forward(&batch, cache)
-                .and_then(|logits| logits.to_vec2::<f32>())
+            // On a worker of the compute pool: the kernels' parallel regions then start inside the
+            // pool (work-stealing) instead of handing the engine thread off and back per matmul.
+            let (rows, ()) = rayon::join(
+                || {
+                    model
+                        .forward(&batch, cache)
+                        .and_then(|logits| logits.to_vec2::<f32>())
+                },
+                || (),
+            );
+            rows
         }))
         .unwrap_or_else(|panic| {
             let reason = format!(

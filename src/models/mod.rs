@@ -63,7 +63,7 @@ pub struct ForwardBatch<'a> {
 }
 
 /// A causal language model over an external KV cache.
-pub trait CausalLm: Send {
+pub trait CausalLm: Send + Sync {
     /// Shape facts and stop tokens.
     fn info(&self) -> &ModelInfo;
 
