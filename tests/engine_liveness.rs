@@ -31,6 +31,8 @@ enum Fault {
     Panic,
     /// Blocks until the gate opens (at most a minute).
     Stall(Arc<Gate>),
+    /// Returns this error, as candle's CUDA backend does when an allocation fails.
+    Error(&'static str),
 }
 
 /// A latch the stalled forward pass waits on.
@@ -78,6 +80,7 @@ impl CausalLm for FaultInjector {
             match &self.fault {
                 Fault::Panic => panic!("injected fault in forward call {call}"),
                 Fault::Stall(gate) => gate.wait(),
+                Fault::Error(message) => return Err(candle_core::Error::Msg((*message).into())),
             }
         }
         self.inner.forward(batch, cache)
@@ -118,6 +121,51 @@ fn request(engine: &EngineHandle) -> GenerateRequest {
             ..SamplingParams::greedy(4)
         },
     }
+}
+
+/// Collects a sequence's events until its final summary (at most a minute).
+async fn finish(events: &mut wick::engine::SeqEvents) -> wick::engine::SeqSummary {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match events.recv().await {
+                Some(SeqEvent::Finished(summary)) => return Some(summary),
+                Some(SeqEvent::Delta { .. }) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .expect("every sequence gets a final event")
+}
+
+#[tokio::test]
+async fn out_of_memory_in_a_step_fails_that_steps_sequences_and_the_engine_serves_on() {
+    // Q12 (GPU OOM in a step), CPU stand-in: the error candle's CUDA backend returns when an
+    // allocation fails, injected into the decode pass of two sequences.
+    let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)";
+    let engine = faulty_engine(Fault::Error(oom), 2);
+    let mut first = engine.submit(request(&engine)).unwrap();
+    let mut second = engine.submit(request(&engine)).unwrap();
+    // Every sequence ends; those in the failing pass end with the error (at least one was in it).
+    let mut failed = 0;
+    for events in [&mut first, &mut second] {
+        if let Some(error) = finish(events).await.error {
+            assert!(error.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{error}");
+            failed += 1;
+        }
+    }
+    assert!(failed >= 1, "the injected OOM failed no sequence");
+    // Not fatal: the engine stays healthy, its slots were freed, and the next request completes.
+    assert!(
+        engine.health().is_healthy(),
+        "engine after an OOM step: {:?}",
+        engine.health()
+    );
+    let mut next = engine.submit(request(&engine)).unwrap();
+    let summary = finish(&mut next).await;
+    assert!(summary.error.is_none(), "{:?}", summary.error);
+    assert_eq!(summary.completion_tokens, 4);
 }
 
 #[tokio::test]
