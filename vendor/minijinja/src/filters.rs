@@ -121,7 +121,7 @@
 //! might change from one MiniJinja version to another.
 //!
 //! Some additional filters are available in the
-//! [`minijinja-contrib`](https://crates.io/crates/minijinja-contrib) crate.
+//! `minijinja-contrib` crate.
 use crate::error::Error;
 use crate::utils::write_escaped;
 use crate::value::Value;
