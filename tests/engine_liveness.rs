@@ -192,19 +192,7 @@ async fn panic_in_forward_fails_the_sequences_marks_the_engine_failed_and_health
     let mut first = engine.submit(request(&engine)).unwrap();
     let mut second = engine.submit(request(&engine)).unwrap();
     for events in [&mut first, &mut second] {
-        let summary = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                match events.recv().await {
-                    Some(SeqEvent::Finished(summary)) => return Some(summary),
-                    Some(SeqEvent::Delta { .. }) => {}
-                    None => return None,
-                }
-            }
-        })
-        .await
-        .unwrap()
-        .expect("every in-flight sequence gets a final event");
-        let error = summary.error.expect("the sequence failed");
+        let error = finish(events).await.error.expect("the sequence failed");
         assert!(error.contains("injected fault"), "{error}");
     }
     match engine.health() {

@@ -10,12 +10,15 @@
 //! modules through the `tsan/` crate, which is why this file uses nothing else of wick).
 #![allow(clippy::unwrap_used)]
 
+mod race_support;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use race_support::{rounds, Rng};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use wick::error::JobError;
@@ -25,46 +28,6 @@ use wick::server::store::{JobStatus, JobStore};
 
 /// Hang guard for a wait that must end (never reached when the code is right).
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
-
-fn rounds() -> usize {
-    std::env::var("WICK_RACE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000)
-}
-
-/// A small deterministic generator (xorshift64*), so a failing round can be replayed by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Shifts the interleaving: spins, yields, or goes straight on.
-    fn jitter(&mut self) {
-        match self.below(4) {
-            0 => {}
-            1 => thread::yield_now(),
-            _ => {
-                for _ in 0..self.below(200) {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-    }
-}
 
 /// What each actor did in one store round.
 #[derive(Debug, Default)]

@@ -4,50 +4,14 @@
 //! crate `tsan/` builds the model-free modules only). `WICK_RACE_ROUNDS` as there.
 #![allow(clippy::unwrap_used)]
 
+mod race_support;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
+use race_support::{rounds, Rng};
 use wick::engine::EngineStats;
-
-fn rounds() -> usize {
-    std::env::var("WICK_RACE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000)
-}
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn jitter(&mut self) {
-        match self.below(4) {
-            0 => {}
-            1 => thread::yield_now(),
-            _ => {
-                for _ in 0..self.below(200) {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-    }
-}
 
 #[test]
 fn engine_health_keeps_the_first_failure_under_concurrent_beats_and_checks() {

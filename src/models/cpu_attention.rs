@@ -14,6 +14,7 @@
 use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::models::cpu_matmul::cpu_has_avx512f;
 use crate::models::layers::AttnSpec;
 use crate::models::SeqChunk;
 
@@ -80,9 +81,11 @@ pub(crate) fn decode_attention(
     let row = heads * hd;
     let mut out = vec![0f32; seqs.len() * row];
     let macs: usize = seqs.iter().map(|s| 2 * (s.start_pos + 1) * row).sum();
+    // Checked once per call, not per sequence.
+    let avx512 = cpu_has_avx512f();
     let run = |(index, out_row): (usize, &mut [f32])| {
         let query = &queries[index * row..(index + 1) * row];
-        one_sequence(query, &seqs[index], &cache, spec, out_row);
+        one_sequence(avx512, query, &seqs[index], &cache, spec, out_row);
     };
     if macs < PARALLEL_MIN_MACS || candle_core::utils::get_num_threads() <= 1 {
         out.chunks_mut(row).enumerate().for_each(run);
@@ -108,8 +111,10 @@ impl CacheView<'_> {
     }
 }
 
-/// Attention of one sequence's token: `query` `(heads, hd)` into `out` `(heads * hd)`.
+/// Attention of one sequence's token: `query` `(heads, hd)` into `out` `(heads * hd)`; `avx512` is
+/// [`cpu_has_avx512f`].
 fn one_sequence(
+    avx512: bool,
     query: &[f32],
     seq: &SeqChunk,
     cache: &CacheView<'_>,
@@ -118,12 +123,14 @@ fn one_sequence(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked on the line above).
+        if avx512 {
+            // SAFETY: the CPU has AVX-512F (`cpu_has_avx512f`).
             unsafe { one_sequence_avx512(query, seq, cache, spec, out) };
             return;
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
     one_sequence_portable(query, seq, cache, spec, out);
 }
 

@@ -62,7 +62,8 @@ pub(crate) fn packed_enabled() -> bool {
     PACKED_ENABLED.load(Ordering::Relaxed)
 }
 
-fn cpu_has_avx512f() -> bool {
+/// Whether this CPU has AVX-512F.
+pub(crate) fn cpu_has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -610,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn candle_choice_and_other_dtypes_are_not_packed() {
+    fn other_dtypes_are_not_packed() {
         let w = Tensor::zeros((32, 32), DType::F16, &Device::Cpu).unwrap();
         assert!(PackedMatrix::pack(&w).unwrap().is_none());
         assert!(!packed_kernels_apply(&Device::Cpu, DType::BF16));

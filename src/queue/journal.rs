@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +39,9 @@ use tracing::warn;
 
 use super::backoff::Jitter;
 use super::log_limit::log_safe;
-use super::spool::{file_name, hex, io_error, prepare_private_dir, remove_path, SpoolError};
+use super::spool::{
+    file_name, hex, io_error, prepare_private_dir, remove_path, write_then_rename, SpoolError,
+};
 use crate::hub::cache::{FileLock, LockError};
 
 /// Default most entries the journal holds (jobs in flight, plus entries of dead workers).
@@ -356,26 +358,7 @@ impl Journal {
         // milliseconds, and widen the moment in which a kill loses a job just taken. After a
         // power loss a half-written entry reads as corrupt and is deleted (the container disk
         // seldom survives that anyway; the platform's timeout and `/retry` cover it).
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)?;
-            file.write_all(&text)
-        })();
-        if let Err(source) = written {
-            if let Err(error) = remove_path(&temp) {
-                warn!(%error, "journal temp file could not be removed");
-            }
-            return Err(SpoolError::Io {
-                what: "write",
-                path: temp,
-                source,
-            }
-            .into());
-        }
-        fs::rename(&temp, &target).map_err(io_error("rename", &target))?;
+        write_then_rename(&temp, &target, &text, false)?;
         Ok(target)
     }
 

@@ -238,27 +238,8 @@ impl Spool {
             self.temp_counter.fetch_add(1, Ordering::Relaxed),
             file_name(&target)
         ));
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)?;
-            file.write_all(&text)?;
-            file.sync_all()
-        })();
-        if let Err(source) = written {
-            // A leftover temp file is also removed at the next open.
-            if let Err(error) = remove_path(&temp) {
-                warn!(%error, "spool temp file could not be removed");
-            }
-            return Err(SpoolError::Io {
-                what: "write",
-                path: temp,
-                source,
-            });
-        }
-        fs::rename(&temp, &target).map_err(io_error("rename", &target))?;
+        // A leftover temp file is also removed at the next open.
+        write_then_rename(&temp, &target, &text, true)?;
         sync_dir(&self.settings.dir)?;
         Ok(target)
     }
@@ -487,6 +468,39 @@ pub(super) fn io_error(
 
 pub(super) fn file_name(path: &Path) -> &str {
     path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+}
+
+/// Writes `text` to the new private (0600) file `temp`, fsynced when `durable`, and renames it to
+/// `target`; when the write fails, `temp` is removed (with a log line if even that fails).
+pub(super) fn write_then_rename(
+    temp: &Path,
+    target: &Path,
+    text: &[u8],
+    durable: bool,
+) -> Result<(), SpoolError> {
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temp)?;
+        file.write_all(text)?;
+        if durable {
+            file.sync_all()?;
+        }
+        Ok(())
+    })();
+    if let Err(source) = written {
+        if let Err(error) = remove_path(temp) {
+            warn!(%error, path = %temp.display(), "temp file could not be removed");
+        }
+        return Err(SpoolError::Io {
+            what: "write",
+            path: temp.to_owned(),
+            source,
+        });
+    }
+    fs::rename(temp, target).map_err(io_error("rename", target))
 }
 
 /// How many `files` there are and their total size (files that vanished meanwhile count 0 bytes).
