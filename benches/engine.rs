@@ -82,7 +82,7 @@ fn main() -> Result<()> {
             Arc::new(word_level_tokenizer()?),
             "f32-random-smollm2-shape",
         )?;
-        for c in CONCURRENCY {
+        for c in CONCURRENCY.into_iter().filter(|c| level_selected(*c)) {
             rows.push(run_level(
                 &rt,
                 &engine,
@@ -147,7 +147,7 @@ fn main() -> Result<()> {
             set_cpu_matmul(CpuMatmul::Auto);
             let bytes = gguf_weight_bytes(&gguf, &options, packed)?;
             let engine = start_engine(model, Arc::clone(&tokenizer), label)?;
-            for &c in levels {
+            for &c in levels.iter().filter(|c| level_selected(**c)) {
                 rows.push(run_level(
                     &rt,
                     &engine,
@@ -404,6 +404,15 @@ impl BandwidthProbe {
 /// `BENCH_ONLY=<text>` runs only the models whose label contains `<text>` (e.g. `packed`, `GGUF`).
 fn selected(label: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| label.contains(only.as_str()))
+}
+
+/// `BENCH_LEVELS=<n,n,...>` runs only those concurrency levels (e.g. `32` while profiling).
+fn level_selected(concurrency: usize) -> bool {
+    std::env::var("BENCH_LEVELS").map_or(true, |levels| {
+        levels
+            .split(',')
+            .any(|level| level.trim().parse() == Ok(concurrency))
+    })
 }
 
 /// Concurrent read streams per thread in the bandwidth probe.

@@ -17,10 +17,12 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::Activation;
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::cpu_attention;
+use crate::models::cpu_elementwise;
 use crate::models::cpu_matmul::{PackedMatrix, PanelKernel};
 use crate::models::cpu_matmul_q8::PackedQ8;
 use crate::models::{ForwardBatch, SeqChunk};
@@ -265,6 +267,20 @@ impl Stacked {
             Self::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
         }
     }
+}
+
+/// `act(gate) * up` over a gate/up projection's output `(tokens, 2 * width)`, gate in the first
+/// `width` columns; returns `(tokens, width)`. SiLU on an AVX-512 CPU in f32 runs as one fused pass
+/// ([`cpu_elementwise::silu_mul_stacked`]); anything else takes candle's ops.
+pub(crate) fn gated_activation(gate_up: &Tensor, width: usize, act: Activation) -> Result<Tensor> {
+    if matches!(act, Activation::Silu) {
+        if let Some(hidden) = cpu_elementwise::silu_mul_stacked(gate_up, width)? {
+            return Ok(hidden);
+        }
+    }
+    let gate = gate_up.narrow(D::Minus1, 0, width)?;
+    let up = gate_up.narrow(D::Minus1, width, width)?;
+    act.forward(&gate)? * up
 }
 
 /// `ys + bias` (broadcast over rows) when there is a bias.

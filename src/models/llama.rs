@@ -15,8 +15,8 @@ use candle_nn::{Activation, RmsNorm, VarBuilder};
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Embed, Proj, Rotary,
-    RotaryForPass, Stacked,
+    attend, embedding_and_head, gated_activation, last_token_logits, AttnSpec, BatchPlan, Embed,
+    Proj, Rotary, RotaryForPass, Stacked,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -105,6 +105,14 @@ impl Mlp {
 
     /// `(tokens, hidden)` -> `(tokens, hidden)`.
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Stacked::Fused { proj, widths } = &self.gate_up {
+            if let [gate_width, up_width] = widths[..] {
+                if gate_width == up_width {
+                    let hidden = gated_activation(&proj.forward(xs)?, gate_width, self.act)?;
+                    return self.down_proj.forward(&hidden);
+                }
+            }
+        }
         let [gate, up]: [Tensor; 2] =
             self.gate_up.forward(xs)?.try_into().map_err(|_| {
                 candle_core::Error::Msg("gate/up projection gave no 2 parts".into())

@@ -75,6 +75,7 @@ pub trait CausalLm: Send + Sync {
 
 pub mod config;
 pub(crate) mod cpu_attention;
+pub(crate) mod cpu_elementwise;
 pub mod cpu_matmul;
 pub mod cpu_matmul_q8;
 pub mod gemma2;

@@ -13,8 +13,8 @@ use candle_nn::{Activation, RmsNorm, VarBuilder};
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, last_token_logits, AttnSpec, BatchPlan, Embed, Proj, Rotary,
-    RotaryForPass,
+    attend, embedding_and_head, gated_activation, last_token_logits, AttnSpec, BatchPlan, Embed,
+    Proj, Rotary, RotaryForPass,
 };
 use crate::models::llama::model_info;
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
@@ -103,9 +103,8 @@ impl Mlp {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(xs)?;
-        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate_size)?;
-        let up = gate_up.narrow(D::Minus1, self.intermediate_size, self.intermediate_size)?;
-        self.down_proj.forward(&(up * self.act.forward(&gate)?)?)
+        let hidden = gated_activation(&gate_up, self.intermediate_size, self.act)?;
+        self.down_proj.forward(&hidden)
     }
 }
 
