@@ -21,6 +21,9 @@ use super::{EngineCommand, EngineStats};
 use crate::models::{CausalLm, ForwardBatch, SeqChunk};
 use crate::tokenizer::Tokenizer;
 
+/// From this many sampling sequences on, a step samples them in parallel.
+const PARALLEL_MIN_SEQS: usize = 4;
+
 /// How long the idle loop waits on the inbox before looking again (it never busy-spins).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -235,21 +238,12 @@ impl EngineState {
             token_ids: &token_ids,
             seqs: &chunks,
         };
-        // (n_seqs, vocab) f32, copied to the host once per pass.
         // A panic in model code must not take the engine thread (and every stream) down with it.
         let (model, cache) = (&self.model, &mut self.cache);
-        let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // On a worker of the compute pool: the kernels' parallel regions then start inside the
             // pool (work-stealing) instead of handing the engine thread off and back per matmul.
-            let (rows, ()) = rayon::join(
-                || {
-                    model
-                        .forward(&batch, cache)
-                        .and_then(|logits| logits.to_vec2::<f32>())
-                },
-                || (),
-            );
-            rows
+            rayon::join(|| model.forward(&batch, cache), || ()).0
         }))
         .unwrap_or_else(|panic| {
             let reason = format!(
@@ -261,14 +255,20 @@ impl EngineState {
             self.fatal = Some(reason.clone());
             Err(candle_core::Error::Msg(reason))
         });
-        let mut rows = match rows {
-            Ok(rows) if rows.len() == items.len() => rows,
-            Ok(rows) => {
-                let message = format!(
-                    "model returned {} logit rows for {} sequences",
-                    rows.len(),
+        // (n_seqs, vocab) f32.
+        let sampled = logits.and_then(|logits| {
+            let (rows, vocab) = logits.dims2()?;
+            if rows != items.len() {
+                return Ok(Err(format!(
+                    "model returned {rows} logit rows for {} sequences",
                     items.len()
-                );
+                )));
+            }
+            with_host_values(&logits, |values| Ok(self.sample_all(items, values, vocab)))
+        });
+        let outcomes = match sampled {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(message)) => {
                 self.fail_all(items, &message);
                 return;
             }
@@ -277,31 +277,57 @@ impl EngineState {
                 return;
             }
         };
-        let tokenizer = Arc::clone(&self.tokenizer);
-        for (item, row) in items.iter().zip(rows.iter_mut()) {
-            if !item.samples {
-                continue;
-            }
-            let Some(seq) = self.sequences.get_mut(&item.id) else {
-                continue;
-            };
-            let outcome = seq.take_token(row, &tokenizer);
+        for (index, outcome) in outcomes {
+            let id = items[index].id;
             self.stats
                 .generated_tokens_total
                 .fetch_add(1, Ordering::Relaxed);
             match outcome {
                 TokenOutcome::Continue => {}
                 TokenOutcome::Finished(stop) => {
-                    self.release(item.id, stop.reason, stop.stop_match, None)
+                    self.release(id, stop.reason, stop.stop_match, None)
                 }
-                TokenOutcome::Cancelled => {
-                    self.release(item.id, FinishReason::Cancelled, None, None)
-                }
+                TokenOutcome::Cancelled => self.release(id, FinishReason::Cancelled, None, None),
                 TokenOutcome::Failed(message) => {
-                    self.release(item.id, FinishReason::Error, None, Some(message))
+                    self.release(id, FinishReason::Error, None, Some(message))
                 }
             }
         }
+    }
+
+    /// Samples, appends and streams one token for every item that samples (`logits` is
+    /// `(items, vocab)`), the sequences in parallel on the compute pool (each sequence's sampler,
+    /// detokenizer and stop state are its own, so the result is the same as one after another).
+    /// Returns `(index in items, outcome)` in item order.
+    fn sample_all(
+        &mut self,
+        items: &[Scheduled],
+        logits: &[f32],
+        vocab: usize,
+    ) -> Vec<(usize, TokenOutcome)> {
+        let index_of: HashMap<SeqId, usize> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.samples)
+            .map(|(index, item)| (item.id, index))
+            .collect();
+        let mut work: Vec<(usize, &mut Sequence)> = self
+            .sequences
+            .iter_mut()
+            .filter_map(|(id, seq)| index_of.get(id).map(|&index| (index, seq)))
+            .collect();
+        work.sort_unstable_by_key(|(index, _)| *index);
+        let tokenizer = self.tokenizer.as_ref();
+        let sample = |(index, seq): (usize, &mut Sequence)| {
+            // The sampler edits its row (penalties, suppressed stop tokens): a private copy.
+            let mut row = logits[index * vocab..(index + 1) * vocab].to_vec();
+            (index, seq.take_token(&mut row, tokenizer))
+        };
+        if work.len() < PARALLEL_MIN_SEQS || rayon::current_num_threads() <= 1 {
+            return work.into_iter().map(sample).collect();
+        }
+        use rayon::prelude::*;
+        work.into_par_iter().map(sample).collect()
     }
 
     /// A failed pass fails every sequence in it; the loop goes on.
@@ -369,4 +395,25 @@ impl EngineState {
             .kv_tokens_used
             .store(self.scheduler.kv_tokens_used(), Ordering::Relaxed);
     }
+}
+
+/// Runs `f` over a tensor's values as f32 on the host, flattened: read in place from a contiguous
+/// f32 CPU tensor (no copy of the `(rows, vocab)` logits), else copied once.
+fn with_host_values<R>(
+    tensor: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = tensor.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&all[start..end]));
+        }
+    }
+    let copy = tensor
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(f(&copy))
 }

@@ -19,7 +19,7 @@
 //! The tied embedding reads token rows straight from the packed output projection ([`PackedMatrix::
 //! embed`]), so packing costs no extra memory. Other CPUs, other dtypes and CUDA keep candle's path.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -247,8 +247,13 @@ pub(crate) trait PanelKernel: Sync {
     );
 }
 
-/// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads: panels are split in
-/// pairs (the widest tile), contiguous per thread.
+/// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads.
+///
+/// The panels are cut into chunks of whole panel pairs (the widest tile), about
+/// [`CHUNKS_PER_THREAD`] per thread, and every thread (the calling one first, at once) takes the next
+/// chunk from a shared counter until none are left. A pool worker that wakes late so takes a smaller
+/// share instead of holding up the matmul. Each output is computed by one kernel call whichever
+/// thread runs it, so the split never changes a bit of the result.
 pub(crate) fn matmul_into<K: PanelKernel>(
     weight: &K,
     a: &[f32],
@@ -272,19 +277,38 @@ pub(crate) fn matmul_into<K: PanelKernel>(
         unsafe { run_panels(weight, &x, m, out, 0, panels) };
         return;
     }
-    let x = &x;
-    rayon::scope(|scope| {
-        for t in 0..threads {
-            let first = (pairs * t / threads) * 2;
-            let end = ((pairs * (t + 1) / threads) * 2).min(panels);
-            scope.spawn(move |_| {
-                // SAFETY: each task writes only the columns of its own panels `first..end`
-                // (disjoint across tasks) of `c`, which outlives the scope.
-                unsafe { run_panels(weight, x, m, out, first, end) }
-            });
+    let chunk_panels = 2 * (pairs / (threads * CHUNKS_PER_THREAD)).max(1);
+    let chunks = panels.div_ceil(chunk_panels);
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let chunk = next.fetch_add(1, Ordering::Relaxed);
+        if chunk >= chunks {
+            break;
         }
+        let first = chunk * chunk_panels;
+        // SAFETY: each chunk index is handed out once, so each task writes only the columns of its
+        // own panels `first..end` (disjoint across chunks) of `c`, which outlives the scope.
+        unsafe {
+            run_panels(
+                weight,
+                &x,
+                m,
+                out,
+                first,
+                (first + chunk_panels).min(panels),
+            )
+        };
+    };
+    rayon::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| work());
+        }
+        work();
     });
 }
+
+/// Chunks of a parallel matmul per thread (see [`matmul_into`]).
+const CHUNKS_PER_THREAD: usize = 8;
 
 /// Output columns of panels `first..end` for all `m` rows.
 ///
