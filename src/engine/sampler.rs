@@ -295,17 +295,42 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the lowest index wins ties. NaN never wins.
+/// Index of the largest value; the lowest index wins ties. NaN never wins; 0 when no value is
+/// above negative infinity.
+///
+/// Two passes the compiler vectorizes (a vocabulary-wide scan is most of a greedy step's sampling
+/// time): the maximum in 16 lanes, then the first block of 16 that holds it.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (lane, &v) in lanes.iter_mut().zip(block) {
+            // `>` is false for NaN, so NaN never replaces a lane.
+            *lane = if v > *lane { v } else { *lane };
         }
     }
-    best as u32
+    let best = lanes
+        .iter()
+        .chain(blocks.remainder())
+        .fold(
+            f32::NEG_INFINITY,
+            |best, &v| if v > best { v } else { best },
+        );
+    if best == f32::NEG_INFINITY {
+        return 0;
+    }
+    // The first index equal to `best`: what a strict `>` scan from the left keeps (`-0.0 == 0.0`,
+    // as there).
+    let first_block = values
+        .chunks(LANES)
+        .position(|block| block.iter().fold(false, |hit, &v| hit | (v == best)))
+        .unwrap_or(0);
+    let start = first_block * LANES;
+    values[start..]
+        .iter()
+        .position(|&v| v == best)
+        .map_or(0, |offset| (start + offset) as u32)
 }
 
 #[cfg(test)]
@@ -329,6 +354,39 @@ mod tests {
         assert_eq!(s.sample(&mut row()).token_id, 1);
         assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
+        // Every position, tie and sign of zero against the plain left-to-right scan.
+        let scan = |values: &[f32]| {
+            let (mut best, mut best_value) = (0usize, f32::NEG_INFINITY);
+            for (i, &v) in values.iter().enumerate() {
+                if v > best_value {
+                    best = i;
+                    best_value = v;
+                }
+            }
+            best as u32
+        };
+        let mut state = 7u32;
+        for len in [1usize, 15, 16, 17, 40, 1000] {
+            for _ in 0..50 {
+                let values: Vec<f32> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 17;
+                        state ^= state << 5;
+                        match state % 11 {
+                            0 => f32::NAN,
+                            1 => -0.0,
+                            2 => 0.0,
+                            3 => f32::NEG_INFINITY,
+                            _ => (state % 7) as f32 - 6.0,
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&values), scan(&values), "{values:?}");
+            }
+        }
     }
 
     #[test]

@@ -202,7 +202,7 @@ mod avx512 {
         __m512, _mm512_add_ps, _mm512_div_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
         _mm512_mask_blend_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps,
         _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps, _mm512_sub_ps,
+        _mm512_storeu_ps, _mm512_sub_ps, _mm_prefetch, _MM_HINT_T0,
     };
 
     use super::{first_visible, CacheView, LANES};
@@ -259,10 +259,17 @@ mod avx512 {
             let base = cache.base(seq.slot, kv_head);
             let keys = &cache.keys[base + first * hd..base + (pos + 1) * hd];
             let values = &cache.values[base + first * hd..base + (pos + 1) * hd];
+            // The next KV head's keys, fetched while the last query head of this group sums values.
+            let next_keys = (kv_head + 1 < spec.num_kv_heads).then(|| {
+                let next = cache.base(seq.slot, kv_head + 1);
+                &cache.keys[next + first * hd..next + (pos + 1) * hd]
+            });
             for rep in 0..n_rep {
                 let head = kv_head * n_rep + rep;
                 let q = &query[head * hd..(head + 1) * hd];
-                scores::<V>(q, keys, scale, &mut weights[..visible]);
+                // The first query head of the group fetches the values while it scores the keys.
+                let ahead = (rep == 0).then_some(values);
+                scores::<V>(q, keys, ahead, scale, &mut weights[..visible]);
                 if let Some(cap) = spec.softcap {
                     let cap = cap as f32;
                     for w in &mut weights[..visible] {
@@ -270,18 +277,40 @@ mod avx512 {
                     }
                 }
                 softmax(&mut weights, visible);
+                let ahead = if rep + 1 == n_rep { next_keys } else { None };
                 weighted_sum::<V>(
                     &weights[..visible],
                     values,
+                    ahead,
                     &mut out[head * hd..(head + 1) * hd],
                 );
             }
         }
     }
 
-    /// `scores[j] = (q . keys[j]) * scale` for each `hd`-wide key row.
+    /// Asks for row `j` of `rows` (`hd`-wide, `16 V` f32 = `V` cache lines) to be brought into L1.
     #[inline(always)]
-    unsafe fn scores<const V: usize>(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    unsafe fn prefetch_row<const V: usize>(rows: Option<&[f32]>, j: usize) {
+        if let Some(rows) = rows {
+            if (j + 1) * V * LANES <= rows.len() {
+                let row = rows.as_ptr().add(j * V * LANES);
+                for c in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(c * LANES).cast::<i8>());
+                }
+            }
+        }
+    }
+
+    /// `scores[j] = (q . keys[j]) * scale` for each `hd`-wide key row; fetches row `j` of `ahead`
+    /// alongside key `j` (one cache stream more in flight for the next pass).
+    #[inline(always)]
+    unsafe fn scores<const V: usize>(
+        q: &[f32],
+        keys: &[f32],
+        ahead: Option<&[f32]>,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
         let hd = V * LANES;
         let mut qv = [_mm512_setzero_ps(); V];
         for (c, lane) in qv.iter_mut().enumerate() {
@@ -299,6 +328,9 @@ mod avx512 {
         let mut j = 0;
         // Four keys in flight: independent chains hide the load and FMA latency.
         while j + 4 <= n {
+            for u in 0..4 {
+                prefetch_row::<V>(ahead, j + u);
+            }
             let acc = [
                 dot(k.add(j * hd)),
                 dot(k.add((j + 1) * hd)),
@@ -311,6 +343,7 @@ mod avx512 {
             j += 4;
         }
         while j < n {
+            prefetch_row::<V>(ahead, j);
             scores[j] = _mm512_reduce_add_ps(dot(k.add(j * hd))) * scale;
             j += 1;
         }
@@ -344,9 +377,15 @@ mod avx512 {
         }
     }
 
-    /// `out = sum_j weights[j] values[j]` over `hd`-wide value rows.
+    /// `out = sum_j weights[j] values[j]` over `hd`-wide value rows; fetches row `j` of `ahead`
+    /// alongside value `j`.
     #[inline(always)]
-    unsafe fn weighted_sum<const V: usize>(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    unsafe fn weighted_sum<const V: usize>(
+        weights: &[f32],
+        values: &[f32],
+        ahead: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let hd = V * LANES;
         let v = values.as_ptr();
         let mut even = [_mm512_setzero_ps(); V];
@@ -362,12 +401,15 @@ mod avx512 {
         if V <= 8 {
             // Two accumulator sets: half as long a dependency chain per register.
             while j + 2 <= n {
+                prefetch_row::<V>(ahead, j);
+                prefetch_row::<V>(ahead, j + 1);
                 accumulate(&mut even, weights[j], v.add(j * hd));
                 accumulate(&mut odd, weights[j + 1], v.add((j + 1) * hd));
                 j += 2;
             }
         }
         while j < n {
+            prefetch_row::<V>(ahead, j);
             accumulate(&mut even, weights[j], v.add(j * hd));
             j += 1;
         }

@@ -9,13 +9,14 @@
 //! MLP projections shared with [`crate::models::llama`].
 //! Reference: transformers `models/gemma2/modeling_gemma2.py` (Gemma Team, 2024).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    embedding_and_head, last_token_logits, softcap, BatchPlan, Embed, Proj, Rotary, RotaryForPass,
+    embedding_and_head, last_token_logits, softcap, BatchPlan, Embed, Proj, RmsNorm, Rotary,
+    RotaryForPass,
 };
 use crate::models::llama::{model_info, Mlp, SelfAttn};
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};

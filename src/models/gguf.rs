@@ -16,14 +16,14 @@ use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Activation, Embedding, RmsNorm};
+use candle_nn::{Activation, Embedding};
 
 use crate::models::config::{
     check_limit, ModelError, RopeScaling, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS,
     MAX_POSITION_EMBEDDINGS,
 };
 use crate::models::cpu_matmul_q8::{packed_q8_applies, PackedQ8};
-use crate::models::layers::{AttnSpec, Embed, Proj, Rotary, Stacked};
+use crate::models::layers::{AttnSpec, Embed, Proj, RmsNorm, Rotary, Stacked};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
 

@@ -80,7 +80,7 @@ impl Embed {
 pub(crate) fn last_token_logits(
     xs: &Tensor,
     plan: &BatchPlan,
-    norm: &candle_nn::RmsNorm,
+    norm: &RmsNorm,
     lm_head: &Proj,
 ) -> Result<Tensor> {
     // `.contiguous()` before the projection: the gathered rows feed a matmul (and QMatMul needs it).
@@ -281,6 +281,40 @@ pub(crate) fn gated_activation(gate_up: &Tensor, width: usize, act: Activation) 
     let gate = gate_up.narrow(D::Minus1, 0, width)?;
     let up = gate_up.narrow(D::Minus1, width, width)?;
     act.forward(&gate)? * up
+}
+
+/// RMS norm over the last dimension (`x / sqrt(mean(x^2) + eps) * weight`): one fused pass per row
+/// on an AVX-512 CPU in f32 ([`cpu_elementwise::rms_norm`]), candle's op elsewhere.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    candle: candle_nn::RmsNorm,
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// A norm with this `(dim,)` weight.
+    pub(crate) fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            candle: candle_nn::RmsNorm::new(weight.clone(), eps),
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    /// `(..., dim)` -> `(..., dim)`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match cpu_elementwise::rms_norm(xs, &self.weight, self.eps)? {
+            Some(ys) => Ok(ys),
+            None => self.candle.forward(xs),
+        }
+    }
+}
+
+/// Loads `prefix.weight` `(size,)` as an [`RmsNorm`] (as `candle_nn::rms_norm` does).
+pub(crate) fn rms_norm(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<RmsNorm> {
+    let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+    Ok(RmsNorm::new(weight, eps))
 }
 
 /// `ys + bias` (broadcast over rows) when there is a bias.

@@ -10,13 +10,13 @@
 //! Reference: transformers `models/llama/modeling_llama.py` (Touvron et al., 2023).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, RmsNorm, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, gated_activation, last_token_logits, AttnSpec, BatchPlan, Embed,
-    Proj, Rotary, RotaryForPass, Stacked,
+    attend, embedding_and_head, gated_activation, last_token_logits, rms_norm, AttnSpec, BatchPlan,
+    Embed, Proj, RmsNorm, Rotary, RotaryForPass, Stacked,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -136,12 +136,8 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: SelfAttn::new(cfg, window, vb.pp("self_attn"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
-            input_layernorm: candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
-            post_attention_layernorm: candle_nn::rms_norm(
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
@@ -200,7 +196,7 @@ impl Llama {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
             lm_head,
             rotary: Rotary::new(cfg, cfg.max_position_embeddings, false, dtype, &device)?,
             info: model_info(cfg, dtype),

@@ -7,14 +7,14 @@
 //! sequence's last token, partial rotary and per-sequence longrope selection.
 //! Reference: transformers `models/phi3/modeling_phi3.py` (Abdin et al., 2024).
 
-use candle_core::{Device, Module, Result, Tensor, D};
-use candle_nn::{Activation, RmsNorm, VarBuilder};
+use candle_core::{Device, Result, Tensor, D};
+use candle_nn::{Activation, VarBuilder};
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, gated_activation, last_token_logits, AttnSpec, BatchPlan, Embed,
-    Proj, Rotary, RotaryForPass,
+    attend, embedding_and_head, gated_activation, last_token_logits, rms_norm, AttnSpec, BatchPlan,
+    Embed, Proj, RmsNorm, Rotary, RotaryForPass,
 };
 use crate::models::llama::model_info;
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
@@ -122,12 +122,8 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: SelfAttn::new(cfg, window, vb.pp("self_attn"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
-            input_layernorm: candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
-            post_attention_layernorm: candle_nn::rms_norm(
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
@@ -184,7 +180,7 @@ impl Phi3 {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
             lm_head,
             rotary: Rotary::new(cfg, cfg.max_position_embeddings, false, dtype, &device)?,
             info: model_info(cfg, dtype),
