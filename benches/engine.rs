@@ -82,7 +82,11 @@ fn main() -> Result<()> {
             Arc::new(word_level_tokenizer()?),
             "f32-random-smollm2-shape",
         )?;
-        for c in CONCURRENCY.into_iter().filter(|c| level_selected(*c)) {
+        for c in CONCURRENCY
+            .into_iter()
+            .filter(|c| level_selected(*c))
+            .flat_map(|c| std::iter::repeat_n(c, rounds()))
+        {
             rows.push(run_level(
                 &rt,
                 &engine,
@@ -147,7 +151,12 @@ fn main() -> Result<()> {
             set_cpu_matmul(CpuMatmul::Auto);
             let bytes = gguf_weight_bytes(&gguf, &options, packed)?;
             let engine = start_engine(model, Arc::clone(&tokenizer), label)?;
-            for &c in levels.iter().filter(|c| level_selected(**c)) {
+            for c in levels
+                .iter()
+                .copied()
+                .filter(|c| level_selected(*c))
+                .flat_map(|c| std::iter::repeat_n(c, rounds()))
+            {
                 rows.push(run_level(
                     &rt,
                     &engine,
@@ -188,15 +197,21 @@ fn main() -> Result<()> {
         .map(|r| r.label)
         .collect::<std::collections::BTreeSet<_>>()
     {
+        // The median over the rounds of each level.
         let of = |c: usize| {
-            rows.iter()
-                .find(|r| r.label == label && r.concurrency == c)
+            let mut rates: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.label == label && r.concurrency == c)
                 .map(|r| r.tokens_per_s)
+                .collect();
+            rates.sort_by(f64::total_cmp);
+            rates.get(rates.len() / 2).copied()
         };
         if let (Some(one), Some(many)) = (of(1), of(32)) {
             println!(
-                "{label}: aggregate at 32 concurrent = {:.1}x batch 1",
-                many / one
+                "{label}: aggregate at 32 concurrent = {:.1}x batch 1 (medians of {} round(s): {one:.1} and {many:.1} tok/s)",
+                many / one,
+                rounds()
             );
         }
     }
@@ -404,6 +419,16 @@ impl BandwidthProbe {
 /// `BENCH_ONLY=<text>` runs only the models whose label contains `<text>` (e.g. `packed`, `GGUF`).
 fn selected(label: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| label.contains(only.as_str()))
+}
+
+/// `BENCH_ROUNDS=<n>` measures every level `n` times in a row (default 1): one table row each, and
+/// the 32-over-1 ratio from the medians.
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// `BENCH_LEVELS=<n,n,...>` runs only those concurrency levels (e.g. `32` while profiling).
