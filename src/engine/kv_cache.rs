@@ -6,9 +6,9 @@
 //! only stores tensors. A freed slot is not zeroed: positions at or past a sequence's length are
 //! always masked out of attention.
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
 
-use crate::models::ModelInfo;
+use crate::models::{ModelInfo, SeqChunk};
 
 /// Per-layer K and V tensors for every slot.
 #[derive(Debug)]
@@ -125,6 +125,108 @@ impl KvCache {
             .slice_set(&v.unsqueeze(0)?, 2, start_pos)?;
         Ok(())
     }
+
+    /// Writes one position for each of `targets` (every chunk one token long): rows `i` of `k` and
+    /// `v`, `(targets, kv_heads, head_dim)` f32, go to `targets[i].start_pos` of slot
+    /// `targets[i].slot`. One pass over an f32 CPU cache, no per-sequence tensors (decode steps);
+    /// other caches take [`KvCache::write`] per sequence.
+    ///
+    /// # Errors
+    /// A chunk that is not one token, a slot or position outside the cache, or rows of the wrong
+    /// length.
+    pub fn write_rows(
+        &mut self,
+        layer: usize,
+        targets: &[SeqChunk],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let (k_cache, v_cache) = self.layer(layer)?;
+        let (_, kv_heads, _, head_dim) = k_cache.dims4()?;
+        let row = kv_heads * head_dim;
+        if k.len() != targets.len() * row || v.len() != k.len() {
+            bail!(
+                "kv rows write: {} and {} values for {} rows of {row}",
+                k.len(),
+                v.len(),
+                targets.len()
+            );
+        }
+        for target in targets {
+            if target.len != 1 || target.slot >= self.num_slots || target.start_pos >= self.max_ctx
+            {
+                bail!(
+                    "kv rows write: {target:?} is not one position inside the cache ({} slots, {} positions)",
+                    self.num_slots,
+                    self.max_ctx
+                );
+            }
+        }
+        if k_cache.device().is_cpu() && k_cache.dtype() == DType::F32 {
+            for (cache, rows) in [(k_cache, k), (v_cache, v)] {
+                cache.inplace_op1(&WriteRows {
+                    rows,
+                    targets,
+                    kv_heads,
+                    max_ctx: self.max_ctx,
+                    head_dim,
+                })?;
+            }
+            return Ok(());
+        }
+        let (device, dtype) = (k_cache.device().clone(), k_cache.dtype());
+        for (i, target) in targets.iter().enumerate() {
+            let part = |all: &[f32]| {
+                Tensor::from_slice(
+                    &all[i * row..(i + 1) * row],
+                    (kv_heads, 1, head_dim),
+                    &device,
+                )?
+                .to_dtype(dtype)
+            };
+            let (k_row, v_row) = (part(k)?, part(v)?);
+            self.write(layer, target.slot, target.start_pos, &k_row, &v_row)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `rows` `(targets, kv_heads, head_dim)` f32, row `i` at position `targets[i].start_pos` of
+/// slot `targets[i].slot`, into a contiguous `(slots, kv_heads, max_ctx, head_dim)` f32 CPU cache.
+struct WriteRows<'a> {
+    rows: &'a [f32],
+    targets: &'a [SeqChunk],
+    kv_heads: usize,
+    max_ctx: usize,
+    head_dim: usize,
+}
+
+impl InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "wick-kv-write-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(all) = storage else {
+            bail!("kv rows write needs an f32 cache");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("kv rows write needs a contiguous cache");
+        };
+        let cache = &mut all[start..end];
+        let (hd, row) = (self.head_dim, self.kv_heads * self.head_dim);
+        for (target, values) in self.targets.iter().zip(self.rows.chunks_exact(row)) {
+            for (head, head_values) in values.chunks_exact(hd).enumerate() {
+                let at =
+                    ((target.slot * self.kv_heads + head) * self.max_ctx + target.start_pos) * hd;
+                let Some(cell) = cache.get_mut(at..at + hd) else {
+                    bail!("kv rows write: {target:?} is outside the cache");
+                };
+                cell.copy_from_slice(head_values);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +258,61 @@ mod tests {
             (cache.num_slots(), cache.max_ctx(), cache.num_layers()),
             (3, 16, 2)
         );
+    }
+
+    #[test]
+    fn write_rows_puts_each_row_at_its_slot_and_position_and_checks_bounds() {
+        let mut cache = KvCache::new(&info(), 3, 16, &Device::Cpu).unwrap();
+        let targets = [
+            SeqChunk {
+                slot: 2,
+                start_pos: 5,
+                len: 1,
+            },
+            SeqChunk {
+                slot: 0,
+                start_pos: 15,
+                len: 1,
+            },
+        ];
+        // (targets, kv_heads 2, head_dim 4)
+        let k: Vec<f32> = (1..=16).map(|x| x as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        cache.write_rows(1, &targets, &k, &v).unwrap();
+        let (kc, vc) = cache.layer(1).unwrap();
+        let at = |t: &Tensor, slot: usize, head: usize, pos: usize| {
+            t.narrow(0, slot, 1)
+                .unwrap()
+                .narrow(1, head, 1)
+                .unwrap()
+                .narrow(2, pos, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(at(kc, 2, 0, 5), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(at(kc, 2, 1, 5), vec![5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(at(kc, 0, 1, 15), vec![13.0, 14.0, 15.0, 16.0]);
+        assert_eq!(at(vc, 0, 0, 15), vec![-9.0, -10.0, -11.0, -12.0]);
+        // Nothing else was touched: the sums are those of the rows.
+        let total: f32 = kc.sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(total, (1..=16).sum::<i32>() as f32);
+        // Layer 0 untouched.
+        let (k0, _) = cache.layer(0).unwrap();
+        assert_eq!(k0.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // Outside the cache, more than one token, or rows of the wrong size: errors, no write.
+        let mut bad = targets;
+        bad[0].slot = 3;
+        assert!(cache.write_rows(1, &bad, &k, &v).is_err());
+        bad = targets;
+        bad[1].start_pos = 16;
+        assert!(cache.write_rows(1, &bad, &k, &v).is_err());
+        bad = targets;
+        bad[0].len = 2;
+        assert!(cache.write_rows(1, &bad, &k, &v).is_err());
+        assert!(cache.write_rows(1, &targets, &k[..8], &v).is_err());
     }
 
     #[test]

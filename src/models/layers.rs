@@ -252,20 +252,22 @@ impl Stacked {
     /// `(tokens, in)` -> each part's `(tokens, out_i)` (column views of one output when fused).
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
         match self {
-            Self::Fused { proj, widths } => {
-                let ys = proj.forward(xs)?;
-                let mut start = 0;
-                widths
-                    .iter()
-                    .map(|&w| {
-                        let part = ys.narrow(D::Minus1, start, w);
-                        start += w;
-                        part
-                    })
-                    .collect()
-            }
+            Self::Fused { proj, widths } => Self::split(&proj.forward(xs)?, widths),
             Self::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
         }
+    }
+
+    /// A fused output `(tokens, sum of widths)` as column views, one per part.
+    pub(crate) fn split(ys: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let part = ys.narrow(D::Minus1, start, w);
+                start += w;
+                part
+            })
+            .collect()
     }
 }
 
@@ -528,6 +530,32 @@ impl Rotary {
         })
     }
 
+    /// Rotates the first `rotary_dim` values of each `head_dim`-wide head of one token in place,
+    /// with that token's `cos` and `sin` rows (`rotary_dim / 2` each); the rest pass through. The
+    /// arithmetic of candle's `rope` / `rope_i` CPU ops (one multiply each, then one add), so the
+    /// values are the same as [`Rotary::apply`]'s.
+    fn rotate_heads(&self, heads: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+        let half = self.rotary_dim / 2;
+        let (cos, sin) = (&cos[..half], &sin[..half]);
+        for head in heads.chunks_exact_mut(head_dim) {
+            let x = &mut head[..self.rotary_dim];
+            if self.interleaved {
+                for (pair, (c, s)) in x.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            } else {
+                let (first, second) = x.split_at_mut(half);
+                for ((a, b), (c, s)) in first.iter_mut().zip(second).zip(cos.iter().zip(sin)) {
+                    let (x1, x2) = (*a, *b);
+                    *a = x1 * c - x2 * s;
+                    *b = x1 * s + x2 * c;
+                }
+            }
+        }
+    }
+
     /// Rotates `(tokens, heads, head_dim)` by each token's position.
     pub(crate) fn apply(&self, xs: &Tensor, pass: &RotaryForPass) -> Result<Tensor> {
         let (tokens, heads, head_dim) = xs.dims3()?;
@@ -549,6 +577,76 @@ impl Rotary {
             Tensor::cat(&[rotate(&rot)?, pass_through], D::Minus1)
         }
     }
+}
+
+/// Self-attention of a decode step (every sequence one new token) on the CPU in f32, straight from
+/// the fused q/k/v projection output `qkv` `(tokens, (heads + 2 kv_heads) * head_dim)`: rotates q
+/// and k, writes each sequence's k and v into its cache slot in one pass
+/// ([`KvCache::write_rows`]), and attends in place ([`cpu_attention::decode_attention`]). Returns
+/// `(tokens, heads * head_dim)`, or `None` where this path does not apply (not an all-decode pass,
+/// not f32 on the CPU, another layout); the caller then takes [`attend`].
+///
+/// Same values as the general path (the rotation is candle's arithmetic, the cache write a copy);
+/// it saves the per-sequence tensors that the general path builds to write the cache.
+pub(crate) fn decode_self_attention(
+    qkv: &Tensor,
+    rotary: &Rotary,
+    rot: &RotaryForPass,
+    plan: &BatchPlan,
+    layer: usize,
+    spec: &AttnSpec,
+    cache: &mut KvCache,
+) -> Result<Option<Tensor>> {
+    if !plan.all_decode
+        || !cpu_attention::applies(qkv.device(), qkv.dtype())
+        || rot.cos.dtype() != DType::F32
+        || rotary.rotary_dim > spec.head_dim
+    {
+        return Ok(None);
+    }
+    let (heads, kv_heads, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+    let (tokens, width) = qkv.dims2()?;
+    if width != q_width + 2 * kv_width || tokens != plan.seqs.len() {
+        return Ok(None);
+    }
+    let half = rotary.rotary_dim / 2;
+    // (tokens, half) each
+    let cos = rot.cos.flatten_all()?.to_vec1::<f32>()?;
+    let sin = rot.sin.flatten_all()?.to_vec1::<f32>()?;
+    if cos.len() != tokens * half || sin.len() != cos.len() {
+        return Ok(None);
+    }
+    let mut q = vec![0f32; tokens * q_width];
+    let mut k = vec![0f32; tokens * kv_width];
+    let mut v = vec![0f32; tokens * kv_width];
+    {
+        let (storage, layout) = qkv.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        for (t, row) in all[start..end].chunks_exact(width).enumerate() {
+            let (q_row, kv_row) = row.split_at(q_width);
+            let (k_row, v_row) = kv_row.split_at(kv_width);
+            let (cos, sin) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            let q_out = &mut q[t * q_width..(t + 1) * q_width];
+            q_out.copy_from_slice(q_row);
+            rotary.rotate_heads(q_out, hd, cos, sin);
+            let k_out = &mut k[t * kv_width..(t + 1) * kv_width];
+            k_out.copy_from_slice(k_row);
+            rotary.rotate_heads(k_out, hd, cos, sin);
+            v[t * kv_width..(t + 1) * kv_width].copy_from_slice(v_row);
+        }
+    }
+    cache.write_rows(layer, plan.seqs, &k, &v)?;
+    let q = Tensor::from_vec(q, (tokens, heads, hd), qkv.device())?;
+    let (k_cache, v_cache) = cache.layer(layer)?;
+    cpu_attention::decode_attention(&q, plan.seqs, k_cache, v_cache, spec).map(Some)
 }
 
 /// Identifies a mask within one pass.
@@ -902,6 +1000,63 @@ mod tests {
         let weight = Arc::new(PackedMatrix::pack(&w).unwrap()?);
         let bias = bias.then(|| Tensor::ones(rows, DType::F32, dev).unwrap());
         Some(Proj::Packed { weight, bias })
+    }
+
+    /// The decode fast path's in-place rotation gives exactly the values of `Rotary::apply`, for
+    /// both layouts and a partial rotary dimension.
+    #[test]
+    fn rotate_heads_matches_apply_bit_for_bit() {
+        let (tokens, heads, hd) = (3, 4, 16);
+        let positions = [0u32, 5, 17];
+        let xs: Vec<f32> = (0..tokens * heads * hd)
+            .map(|i| ((i * 7919) % 1999) as f32 / 999.0 - 1.0)
+            .collect();
+        let x = Tensor::from_vec(xs.clone(), (tokens, heads, hd), &Device::Cpu).unwrap();
+        for interleaved in [false, true] {
+            for rotary_dim in [hd, hd / 2] {
+                let rotary = Rotary::with_params(
+                    10_000.0,
+                    &RopeScaling::Default,
+                    rotary_dim,
+                    32,
+                    interleaved,
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let pos = Tensor::new(&positions[..], &Device::Cpu).unwrap();
+                let half = rotary_dim / 2;
+                let pass = RotaryForPass {
+                    cos: rotary
+                        .cos
+                        .index_select(&pos, 0)
+                        .unwrap()
+                        .reshape((tokens, 1, half))
+                        .unwrap(),
+                    sin: rotary
+                        .sin
+                        .index_select(&pos, 0)
+                        .unwrap()
+                        .reshape((tokens, 1, half))
+                        .unwrap(),
+                };
+                let want = rotary.apply(&x, &pass).unwrap().flatten_all().unwrap();
+                let want = want.to_vec1::<f32>().unwrap();
+                let cos = pass.cos.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let sin = pass.sin.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut got = xs.clone();
+                for (t, row) in got.chunks_exact_mut(heads * hd).enumerate() {
+                    let rows = t * half..(t + 1) * half;
+                    rotary.rotate_heads(row, hd, &cos[rows.clone()], &sin[rows]);
+                }
+                assert_ne!(got, xs, "something was rotated");
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "interleaved {interleaved}, rotary_dim {rotary_dim}");
+            }
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use candle_nn::{Activation, VarBuilder};
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, embedding_and_head, gated_activation, last_token_logits, rms_norm, AttnSpec, BatchPlan,
-    Embed, Proj, RmsNorm, Rotary, RotaryForPass, Stacked,
+    attend, decode_self_attention, embedding_and_head, gated_activation, last_token_logits,
+    rms_norm, AttnSpec, BatchPlan, Embed, Proj, RmsNorm, Rotary, RotaryForPass, Stacked,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -66,9 +66,18 @@ impl SelfAttn {
     ) -> Result<Tensor> {
         let tokens = plan.total_tokens;
         let s = &self.spec;
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(xs)?
+        let parts = match &self.qkv {
+            Stacked::Fused { proj, widths } => {
+                let qkv = proj.forward(xs)?;
+                // Decode steps on the CPU: straight from the fused output into the cache.
+                if let Some(y) = decode_self_attention(&qkv, rotary, rot, plan, layer, s, cache)? {
+                    return self.o_proj.forward(&y);
+                }
+                Stacked::split(&qkv, widths)?
+            }
+            Stacked::Separate(_) => self.qkv.forward(xs)?,
+        };
+        let [q, k, v]: [Tensor; 3] = parts
             .try_into()
             .map_err(|_| candle_core::Error::Msg("q/k/v projection gave no 3 parts".into()))?;
         let q = q.reshape((tokens, s.num_heads, s.head_dim))?;
