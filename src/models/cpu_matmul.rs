@@ -212,7 +212,7 @@ impl PanelKernel for PackedMatrix {
     }
 }
 
-/// A matrix packed in 16-row panels plus its register-blocked kernel; [`matmul_into`] drives it.
+/// A matrix packed in 16-row panels plus its register-blocked kernel; [`matmul_new`] drives it.
 pub(crate) trait PanelKernel: Sync {
     /// The activations as the kernel reads them (f32 as they are, or quantized).
     type Input<'a>: Sync
@@ -247,13 +247,8 @@ pub(crate) trait PanelKernel: Sync {
     );
 }
 
-/// `c (m, rows) = a (m, cols) W^T`, both row-major, on up to `threads` threads.
-///
-/// The panels are cut into chunks of whole panel pairs (the widest tile), about
-/// [`CHUNKS_PER_THREAD`] per thread, and every thread (the calling one first, at once) takes the next
-/// chunk from a shared counter until none are left. A pool worker that wakes late so takes a smaller
-/// share instead of holding up the matmul. Each output is computed by one kernel call whichever
-/// thread runs it, so the split never changes a bit of the result.
+/// [`matmul_new`] into a caller's buffer, for the kernels' tests.
+#[cfg(test)]
 pub(crate) fn matmul_into<K: PanelKernel>(
     weight: &K,
     a: &[f32],
@@ -261,9 +256,45 @@ pub(crate) fn matmul_into<K: PanelKernel>(
     c: &mut [f32],
     threads: usize,
 ) {
+    assert_eq!(c.len(), m * weight.dims().0, "c is (m, rows)");
+    // SAFETY: `c` is an exclusively borrowed `(m, rows)` buffer.
+    unsafe { matmul_to(weight, a, m, OutPtr(c.as_mut_ptr()), threads) }
+}
+
+/// `c (m, rows) = a (m, cols) W^T`, a new buffer, both row-major, on up to `threads` threads.
+///
+/// The panels are cut into chunks of whole panel pairs (the widest tile), about
+/// [`CHUNKS_PER_THREAD`] per thread, and every thread (the calling one first, at once) takes the next
+/// chunk from a shared counter until none are left. A pool worker that wakes late so takes a smaller
+/// share instead of holding up the matmul. Each output is computed by one kernel call whichever
+/// thread runs it, so the split never changes a bit of the result.
+///
+/// `c` is not zeroed first: every cell is written (the panels cover all `rows` columns and the row
+/// blocks all `m` rows).
+pub(crate) fn matmul_new<K: PanelKernel>(
+    weight: &K,
+    a: &[f32],
+    m: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let len = m * weight.dims().0;
+    let mut c: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: `c` has room for `(m, rows)` values and nobody else sees it; `matmul_to` writes every
+    // one of them before the length is set (a panic in between leaves the length 0).
+    unsafe {
+        matmul_to(weight, a, m, OutPtr(c.as_mut_ptr()), threads);
+        c.set_len(len);
+    }
+    c
+}
+
+/// [`matmul_new`] through a raw output pointer.
+///
+/// # Safety
+/// `out` points at `m * rows` writable f32 that nothing else reads or writes meanwhile.
+unsafe fn matmul_to<K: PanelKernel>(weight: &K, a: &[f32], m: usize, out: OutPtr, threads: usize) {
     let (rows, cols) = weight.dims();
     assert_eq!(a.len(), m * cols, "a is (m, cols)");
-    assert_eq!(c.len(), m * rows, "c is (m, rows)");
     let panels = rows.div_ceil(LANES);
     if m == 0 || panels == 0 {
         return;
@@ -271,9 +302,9 @@ pub(crate) fn matmul_into<K: PanelKernel>(
     let x = weight.prepare(a, m);
     let pairs = panels.div_ceil(2);
     let threads = threads.clamp(1, pairs);
-    let out = OutPtr(c.as_mut_ptr());
     if threads == 1 || m * rows * cols < K::PARALLEL_MIN_MACS {
-        // SAFETY: `out` points at `c`, (m, rows), exclusively borrowed here; panels in range.
+        // SAFETY: `out` is an `(m, rows)` buffer only this call writes (the caller's contract);
+        // panels in range.
         unsafe { run_panels(weight, &x, m, out, 0, panels) };
         return;
     }
@@ -307,7 +338,7 @@ pub(crate) fn matmul_into<K: PanelKernel>(
     });
 }
 
-/// Chunks of a parallel matmul per thread (see [`matmul_into`]).
+/// Chunks of a parallel matmul per thread (see [`matmul_new`]).
 const CHUNKS_PER_THREAD: usize = 8;
 
 /// Output columns of panels `first..end` for all `m` rows.
@@ -343,7 +374,7 @@ pub(crate) fn matmul_t<K: PanelKernel>(weight: &K, xs: &Tensor) -> Result<Tensor
 /// The output buffer shared by the tasks of one matmul (each writes its own columns).
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: tasks write disjoint columns (see `matmul_into`) and the scope joins them before `c` is
+// SAFETY: tasks write disjoint columns (see `matmul_to`) and the scope joins them before `c` is
 // used again.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
@@ -477,12 +508,10 @@ impl<K: PanelKernel> candle_core::CustomOp1 for MatmulT<'_, K> {
             candle_core::bail!("packed matmul: input has {in_dim} columns, the weight {cols}");
         }
         let m: usize = batch_dims.iter().product();
-        let mut out = vec![0f32; m * rows];
-        matmul_into(
+        let out = matmul_new(
             self.weight,
             &values[start..end],
             m,
-            &mut out,
             candle_core::utils::get_num_threads(),
         );
         let mut out_dims = batch_dims.to_vec();
@@ -552,8 +581,15 @@ mod tests {
             };
             let a = test_values(m * cols, 7 + m as u64);
             for threads in [1, 2, 3] {
+                // NaN first: a cell the kernels miss fails the comparison.
                 let mut c = vec![f32::NAN; m * rows];
                 matmul_into(&p, &a, m, &mut c, threads);
+                // The unzeroed buffer holds the same values.
+                let fresh = matmul_new(&p, &a, m, threads);
+                assert!(fresh
+                    .iter()
+                    .zip(&c)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()));
                 for (got, want) in c.iter().zip(reference(&a, &w, m, rows, cols)) {
                     let tolerance = 1e-5 * (cols as f64).sqrt() + 1e-6;
                     assert!(
