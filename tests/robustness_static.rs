@@ -128,8 +128,12 @@ fn unsafe_code_stays_in_the_reviewed_places() {
         // (bounds and disjointness tested in its unit tests, including ragged shapes and threads).
         "src/models/cpu_matmul.rs",
         "src/models/cpu_matmul_q8.rs", // the same for the packed Q8_0 (VNNI) kernels
-        // Calls its AVX-512 build of the attention loops after checking the CPU has AVX-512F.
+        // Its AVX-512 attention kernel after checking the CPU has AVX-512F: pointers into the
+        // sequence's own cache rows (bounds checked per call; tested against an f64 reference).
         "src/models/cpu_attention.rs",
+        // AVX-512 exp, SiLU-times-up and RMS norm with masked loads and stores inside each slice
+        // (tails tested at widths that are not multiples of 16).
+        "src/models/cpu_elementwise.rs",
         "src/hub/disk.rs",  // statvfs
         "src/hub/cache.rs", // flock
         "src/harness/",     // kill(2) of the worker under test
