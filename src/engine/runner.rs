@@ -24,6 +24,11 @@ use crate::tokenizer::Tokenizer;
 /// From this many sampling sequences on, a step samples them in parallel.
 const PARALLEL_MIN_SEQS: usize = 4;
 
+thread_local! {
+    /// The logits row a thread samples from (one vocabulary of f32 per sampling thread).
+    static SAMPLING_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// How long the idle loop waits on the inbox before looking again (it never busy-spins).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -319,9 +324,15 @@ impl EngineState {
         work.sort_unstable_by_key(|(index, _)| *index);
         let tokenizer = self.tokenizer.as_ref();
         let sample = |(index, seq): (usize, &mut Sequence)| {
-            // The sampler edits its row (penalties, suppressed stop tokens): a private copy.
-            let mut row = logits[index * vocab..(index + 1) * vocab].to_vec();
-            (index, seq.take_token(&mut row, tokenizer))
+            // The sampler edits its row (penalties, suppressed stop tokens): a private copy, in a
+            // buffer each thread keeps (a fresh vocabulary-sized allocation per row and step is
+            // mapped and faulted in page by page).
+            let outcome = SAMPLING_ROW.with_borrow_mut(|row| {
+                row.clear();
+                row.extend_from_slice(&logits[index * vocab..(index + 1) * vocab]);
+                seq.take_token(row, tokenizer)
+            });
+            (index, outcome)
         };
         if work.len() < PARALLEL_MIN_SEQS || rayon::current_num_threads() <= 1 {
             return work.into_iter().map(sample).collect();
