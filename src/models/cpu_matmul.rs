@@ -149,6 +149,27 @@ impl PackedMatrix {
         })
     }
 
+    /// `gate` and `up` (same shape, whole panels) as one matrix whose panels alternate gate panel
+    /// `p`, up panel `p`, for [`Epilogue::SiluGate`] only (its rows are not in checkpoint order).
+    /// `None` unless both are `(rows, cols)` with `rows` a multiple of 16.
+    pub(crate) fn interleave_gate_up(gate: &Self, up: &Self) -> Option<Self> {
+        if (gate.rows, gate.cols) != (up.rows, up.cols) || !gate.rows.is_multiple_of(LANES) {
+            return None;
+        }
+        let panel = gate.cols;
+        let panels = gate
+            .panels
+            .chunks_exact(panel.max(1))
+            .zip(up.panels.chunks_exact(panel.max(1)))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        Some(Self {
+            panels,
+            rows: 2 * gate.rows,
+            cols: gate.cols,
+        })
+    }
+
     /// `xs (m, cols) -> xs W^T (m, rows)`, f32 on CPU. `xs` may be any layout (made contiguous).
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
         matmul_t(self, xs)
@@ -187,16 +208,19 @@ impl PanelKernel for PackedMatrix {
         a
     }
 
-    unsafe fn tile(&self, a: &&[f32], row: usize, mr: usize, panel: usize, np: usize, out: OutPtr) {
+    unsafe fn tile(&self, a: &&[f32], row: usize, mr: usize, panel: usize, np: usize, out: Out) {
         #[cfg(target_arch = "x86_64")]
         {
+            let (c, residual, valid) = out.tile_at(row, panel, self.rows);
             let tile = Tile {
                 a: a.as_ptr().add(row * self.cols),
                 b: self.panels.as_ptr().add(panel * self.cols),
                 k: self.cols,
-                c: out.0.add(row * self.rows + panel * LANES),
-                ldc: self.rows,
-                valid: self.rows - panel * LANES,
+                c,
+                ldc: out.ldc(),
+                valid,
+                residual,
+                gated: out.gated(),
             };
             if np == 2 {
                 avx512::dispatch::<2>(mr, &tile);
@@ -234,8 +258,9 @@ pub(crate) trait PanelKernel: Sync {
     /// (`np` 1 or 2).
     ///
     /// # Safety
-    /// `out` points at an `(m, rows)` buffer whose cells in those rows and columns nobody else
-    /// touches meanwhile; `x` was prepared from `m >= row + mr` rows; the panels exist.
+    /// `out` describes an output whose cells in those rows and columns nobody else touches
+    /// meanwhile; `x` was prepared from `m >= row + mr` rows; the panels exist; with
+    /// [`Epilogue::SiluGate`], `np` is 2 and `panel` even.
     unsafe fn tile(
         &self,
         x: &Self::Input<'_>,
@@ -243,11 +268,11 @@ pub(crate) trait PanelKernel: Sync {
         mr: usize,
         panel: usize,
         np: usize,
-        out: OutPtr,
+        out: Out,
     );
 }
 
-/// [`matmul_new`] into a caller's buffer, for the kernels' tests.
+/// [`matmul_new`] (plain) into a caller's buffer, for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn matmul_into<K: PanelKernel>(
     weight: &K,
@@ -257,11 +282,18 @@ pub(crate) fn matmul_into<K: PanelKernel>(
     threads: usize,
 ) {
     assert_eq!(c.len(), m * weight.dims().0, "c is (m, rows)");
+    let out = Out {
+        c: c.as_mut_ptr(),
+        ldc: weight.dims().0,
+        residual: std::ptr::null(),
+        gated: false,
+    };
     // SAFETY: `c` is an exclusively borrowed `(m, rows)` buffer.
-    unsafe { matmul_to(weight, a, m, OutPtr(c.as_mut_ptr()), threads) }
+    unsafe { matmul_to(weight, a, m, out, threads) }
 }
 
-/// `c (m, rows) = a (m, cols) W^T`, a new buffer, both row-major, on up to `threads` threads.
+/// `c = a (m, cols) W^T` with `epilogue`, into a new buffer (`(m, rows)`, or `(m, rows / 2)` with
+/// [`Epilogue::SiluGate`]), on up to `threads` threads.
 ///
 /// The panels are cut into chunks of whole panel pairs (the widest tile), about
 /// [`CHUNKS_PER_THREAD`] per thread, and every thread (the calling one first, at once) takes the next
@@ -269,30 +301,58 @@ pub(crate) fn matmul_into<K: PanelKernel>(
 /// share instead of holding up the matmul. Each output is computed by one kernel call whichever
 /// thread runs it, so the split never changes a bit of the result.
 ///
-/// `c` is not zeroed first: every cell is written (the panels cover all `rows` columns and the row
-/// blocks all `m` rows).
+/// `c` is not zeroed first: every cell is written (the panels cover all columns and the row blocks
+/// all `m` rows).
+///
+/// # Panics
+/// `a` is not `(m, cols)`, a residual is not `(m, rows)`, or a gated weight does not have an even
+/// number of whole panels.
 pub(crate) fn matmul_new<K: PanelKernel>(
     weight: &K,
     a: &[f32],
     m: usize,
+    epilogue: Epilogue<'_>,
     threads: usize,
 ) -> Vec<f32> {
-    let len = m * weight.dims().0;
+    let rows = weight.dims().0;
+    let (width, residual, gated) = match epilogue {
+        Epilogue::Plain => (rows, std::ptr::null(), false),
+        Epilogue::Residual(residual) => {
+            assert_eq!(residual.len(), m * rows, "the residual is (m, rows)");
+            (rows, residual.as_ptr(), false)
+        }
+        Epilogue::SiluGate => {
+            assert!(
+                rows.is_multiple_of(2 * LANES),
+                "a gated weight alternates whole gate and up panels"
+            );
+            (rows / 2, std::ptr::null(), true)
+        }
+    };
+    let len = m * width;
     let mut c: Vec<f32> = Vec::with_capacity(len);
-    // SAFETY: `c` has room for `(m, rows)` values and nobody else sees it; `matmul_to` writes every
-    // one of them before the length is set (a panic in between leaves the length 0).
+    let out = Out {
+        c: c.as_mut_ptr(),
+        ldc: width,
+        residual,
+        gated,
+    };
+    // SAFETY: `c` has room for `(m, width)` values and nobody else sees it; `matmul_to` writes every
+    // one of them before the length is set (a panic in between leaves the length 0); the residual
+    // is `(m, rows)` (checked above) and outlives the call.
     unsafe {
-        matmul_to(weight, a, m, OutPtr(c.as_mut_ptr()), threads);
+        matmul_to(weight, a, m, out, threads);
         c.set_len(len);
     }
     c
 }
 
-/// [`matmul_new`] through a raw output pointer.
+/// The matmul of [`matmul_new`] into `out`.
 ///
 /// # Safety
-/// `out` points at `m * rows` writable f32 that nothing else reads or writes meanwhile.
-unsafe fn matmul_to<K: PanelKernel>(weight: &K, a: &[f32], m: usize, out: OutPtr, threads: usize) {
+/// `out` points at an output (and residual) of `m` rows that nothing else reads or writes
+/// meanwhile; a gated `out` goes with a weight of an even number of panels.
+unsafe fn matmul_to<K: PanelKernel>(weight: &K, a: &[f32], m: usize, out: Out, threads: usize) {
     let (rows, cols) = weight.dims();
     assert_eq!(a.len(), m * cols, "a is (m, cols)");
     let panels = rows.div_ceil(LANES);
@@ -303,11 +363,12 @@ unsafe fn matmul_to<K: PanelKernel>(weight: &K, a: &[f32], m: usize, out: OutPtr
     let pairs = panels.div_ceil(2);
     let threads = threads.clamp(1, pairs);
     if threads == 1 || m * rows * cols < K::PARALLEL_MIN_MACS {
-        // SAFETY: `out` is an `(m, rows)` buffer only this call writes (the caller's contract);
-        // panels in range.
+        // SAFETY: `out` is an output only this call writes (the caller's contract); panels in
+        // range; a gated weight has an even number of panels, so every tile is a pair.
         unsafe { run_panels(weight, &x, m, out, 0, panels) };
         return;
     }
+    // An even number of panels per chunk keeps every gate panel with its up panel.
     let chunk_panels = 2 * (pairs / (threads * CHUNKS_PER_THREAD)).max(1);
     let chunks = panels.div_ceil(chunk_panels);
     let next = AtomicUsize::new(0);
@@ -318,7 +379,8 @@ unsafe fn matmul_to<K: PanelKernel>(weight: &K, a: &[f32], m: usize, out: OutPtr
         }
         let first = chunk * chunk_panels;
         // SAFETY: each chunk index is handed out once, so each task writes only the columns of its
-        // own panels `first..end` (disjoint across chunks) of `c`, which outlives the scope.
+        // own panels `first..end` (disjoint across chunks) of the output, which outlives the scope;
+        // chunks start on even panels.
         unsafe {
             run_panels(
                 weight,
@@ -349,7 +411,7 @@ unsafe fn run_panels<K: PanelKernel>(
     weight: &K,
     x: &K::Input<'_>,
     m: usize,
-    out: OutPtr,
+    out: Out,
     first: usize,
     end: usize,
 ) {
@@ -368,17 +430,104 @@ unsafe fn run_panels<K: PanelKernel>(
 
 /// `xs (..., cols) -> xs W^T (..., rows)` on the CPU for any packed weight.
 pub(crate) fn matmul_t<K: PanelKernel>(weight: &K, xs: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1_no_bwd(&MatmulT { weight })
+    xs.contiguous()?.apply_op1_no_bwd(&MatmulT {
+        weight,
+        gated: false,
+    })
 }
 
-/// The output buffer shared by the tasks of one matmul (each writes its own columns).
+/// `xs (..., cols) -> xs W^T + residual (..., rows)` in one pass (see [`Epilogue::Residual`]).
+pub(crate) fn matmul_t_residual<K: PanelKernel>(
+    weight: &K,
+    xs: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op2_no_bwd(
+        &residual.contiguous()?,
+        &MatmulT {
+            weight,
+            gated: false,
+        },
+    )
+}
+
+/// `xs (..., cols) -> silu(gate) * up (..., rows / 2)` for a weight packed with
+/// [`PackedMatrix::interleave_gate_up`] (see [`Epilogue::SiluGate`]).
+pub(crate) fn matmul_t_silu_gate<K: PanelKernel>(weight: &K, xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&MatmulT {
+        weight,
+        gated: true,
+    })
+}
+
+/// What a matmul does with its sums before writing them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// `c = x W^T`.
+    Plain,
+    /// `c = x W^T + residual`, `residual` `(m, rows)` row-major (one add after each finished dot
+    /// product: the same value as adding afterwards).
+    Residual(&'a [f32]),
+    /// The weight's panels alternate gate and up ([`PackedMatrix::interleave_gate_up`]): each pair
+    /// of panels writes `silu(gate) * up` to 16 columns of `c` `(m, rows / 2)` (the same arithmetic as
+    /// [`crate::models::cpu_elementwise::silu_mul_stacked`]).
+    SiluGate,
+}
+
+/// The output of one matmul, shared by its tasks (each writes its own columns).
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
+pub(crate) struct Out {
+    /// `(m, ldc)` output.
+    c: *mut f32,
+    /// Row stride of `c` and `residual`.
+    ldc: usize,
+    /// Added to the sums when not null (same layout as `c`).
+    residual: *const f32,
+    /// [`Epilogue::SiluGate`].
+    gated: bool,
+}
 // SAFETY: tasks write disjoint columns (see `matmul_to`) and the scope joins them before `c` is
-// used again.
-unsafe impl Send for OutPtr {}
+// used again; `residual` is only read.
+unsafe impl Send for Out {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The output cell of row `row`, first column of panel `panel` (of a weight with `rows` rows),
+    /// the matching residual cell (or null), and how many output columns are left in that row.
+    ///
+    /// # Safety
+    /// `row` and `panel` are inside the matmul this `Out` was made for.
+    pub(crate) unsafe fn tile_at(
+        &self,
+        row: usize,
+        panel: usize,
+        rows: usize,
+    ) -> (*mut f32, *const f32, usize) {
+        let (column, width) = if self.gated {
+            (panel / 2 * LANES, rows / 2)
+        } else {
+            (panel * LANES, rows)
+        };
+        let at = row * self.ldc + column;
+        let residual = if self.residual.is_null() {
+            self.residual
+        } else {
+            self.residual.add(at)
+        };
+        (self.c.add(at), residual, width - column)
+    }
+
+    /// Whether panel pairs write `silu(gate) * up`.
+    pub(crate) fn gated(&self) -> bool {
+        self.gated
+    }
+
+    /// Row stride of the output (and the residual).
+    pub(crate) fn ldc(&self) -> usize {
+        self.ldc
+    }
+}
 
 /// One kernel call: `MR` rows of `x` against `NP` panels.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -395,16 +544,21 @@ struct Tile {
     ldc: usize,
     /// Output columns from the first panel's first column to the end of the row.
     valid: usize,
+    /// Residual cell of the first output (same strides), or null.
+    residual: *const f32,
+    /// Panel pairs write `silu(gate) * up` ([`Epilogue::SiluGate`]).
+    gated: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::{
-        __m512, __mmask16, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_storeu_ps, _mm512_set1_ps,
-        _mm512_setzero_ps,
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
     };
 
     use super::{Tile, LANES};
+    use crate::models::cpu_elementwise::avx512::{first_lanes, silu_times};
 
     /// Runs the `(mr, NP)` kernel; `mr` in `1..=MR_MAX`.
     ///
@@ -445,29 +599,55 @@ pub(crate) mod avx512 {
                 }
             }
         }
-        store(&acc, tile.c, tile.ldc, tile.valid);
+        store(
+            &acc,
+            tile.c,
+            tile.ldc,
+            tile.valid,
+            tile.residual,
+            tile.gated,
+        );
     }
 
-    /// Writes `MR x NP` accumulators to rows of `c` (stride `ldc`); only the first `valid` columns.
+    /// Writes `MR x NP` accumulators to rows of `c` (stride `ldc`), only the first `valid` columns:
+    /// plus the `residual` cells when that is not null, or, when `gated` (`NP` is 2: a gate panel
+    /// and its up panel), `silu(gate) * up` as 16 columns.
+    ///
+    /// Out of line on purpose: inlined, its SiLU arithmetic made the register allocator keep the
+    /// kernels' accumulators in memory through the whole `k` loop (f32 matmuls ran 1.7x slower);
+    /// as a call they are written out once per tile.
     ///
     /// # Safety
-    /// AVX-512F; `c` has `MR` rows of at least `min(valid, 16 NP)` writable columns.
-    #[inline(always)]
+    /// AVX-512F; `c` (and a non-null `residual`) has `MR` rows of at least `min(valid, 16 NP)`
+    /// columns (16 when gated).
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn store<const MR: usize, const NP: usize>(
         acc: &[[__m512; NP]; MR],
         c: *mut f32,
         ldc: usize,
         valid: usize,
+        residual: *const f32,
+        gated: bool,
     ) {
+        if gated && NP == 2 {
+            let mask = first_lanes(valid);
+            for (i, row_acc) in acc.iter().enumerate() {
+                let hidden = silu_times(row_acc[0], row_acc[1]);
+                _mm512_mask_storeu_ps(c.add(i * ldc), mask, hidden);
+            }
+            return;
+        }
         for (i, row_acc) in acc.iter().enumerate() {
             for (j, lane_acc) in row_acc.iter().enumerate() {
-                let lanes = valid.saturating_sub(j * LANES).min(LANES);
-                let mask: __mmask16 = if lanes == LANES {
-                    u16::MAX
+                let mask = first_lanes(valid.saturating_sub(j * LANES));
+                let at = i * ldc + j * LANES;
+                let value = if residual.is_null() {
+                    *lane_acc
                 } else {
-                    (1u16 << lanes) - 1
+                    _mm512_add_ps(*lane_acc, _mm512_maskz_loadu_ps(mask, residual.add(at)))
                 };
-                _mm512_mask_storeu_ps(c.add(i * ldc + j * LANES), mask, *lane_acc);
+                _mm512_mask_storeu_ps(c.add(at), mask, value);
             }
         }
     }
@@ -483,17 +663,22 @@ pub(crate) fn stacked_dims(parts: &[(usize, usize)]) -> Option<(usize, usize)> {
     Some((parts.iter().map(|&(rows, _)| rows).sum(), cols))
 }
 
-/// `x W^T` as a candle op over a packed `W`.
+/// `x W^T` as a candle op over a packed `W`: plain or gated as one-input op, plus a residual as a
+/// two-input op.
 struct MatmulT<'w, K> {
     weight: &'w K,
+    /// [`Epilogue::SiluGate`].
+    gated: bool,
 }
 
-impl<K: PanelKernel> candle_core::CustomOp1 for MatmulT<'_, K> {
-    fn name(&self) -> &'static str {
-        "wick-packed-matmul-t"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl<K: PanelKernel> MatmulT<'_, K> {
+    /// The matmul of a contiguous f32 input with `residual` (when given, of the output's shape).
+    fn run(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(values) = storage else {
             candle_core::bail!("packed matmul takes f32 input");
         };
@@ -507,16 +692,108 @@ impl<K: PanelKernel> candle_core::CustomOp1 for MatmulT<'_, K> {
         if in_dim != cols {
             candle_core::bail!("packed matmul: input has {in_dim} columns, the weight {cols}");
         }
+        if self.gated && !rows.is_multiple_of(2 * LANES) {
+            candle_core::bail!("gated matmul: {rows} rows are not whole gate and up panels");
+        }
         let m: usize = batch_dims.iter().product();
+        let mut out_dims = batch_dims.to_vec();
+        out_dims.push(if self.gated { rows / 2 } else { rows });
+        let epilogue = match residual {
+            None if self.gated => Epilogue::SiluGate,
+            None => Epilogue::Plain,
+            Some((CpuStorage::F32(r), r_layout)) => {
+                let Some((r_start, r_end)) = r_layout.contiguous_offsets() else {
+                    candle_core::bail!("packed matmul: the residual must be contiguous");
+                };
+                if self.gated || r_layout.dims() != out_dims.as_slice() {
+                    candle_core::bail!(
+                        "packed matmul: residual {:?} for an output {out_dims:?}",
+                        r_layout.dims()
+                    );
+                }
+                Epilogue::Residual(&r[r_start..r_end])
+            }
+            Some(_) => candle_core::bail!("packed matmul: the residual must be f32"),
+        };
         let out = matmul_new(
             self.weight,
             &values[start..end],
             m,
+            epilogue,
             candle_core::utils::get_num_threads(),
         );
-        let mut out_dims = batch_dims.to_vec();
-        out_dims.push(rows);
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+impl<K: PanelKernel> candle_core::CustomOp1 for MatmulT<'_, K> {
+    fn name(&self) -> &'static str {
+        "wick-packed-matmul-t"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(storage, layout, None)
+    }
+}
+
+impl<K: PanelKernel> candle_core::CustomOp2 for MatmulT<'_, K> {
+    fn name(&self) -> &'static str {
+        "wick-packed-matmul-t-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(storage, layout, Some((residual, residual_layout)))
+    }
+}
+
+/// Checks the epilogues of a packed kernel against its plain product: [`Epilogue::Residual`] gives
+/// the bits of the product plus the residual, [`Epilogue::SiluGate`] over `gated` (`gate` and `up`
+/// interleaved) the bits of [`crate::models::cpu_elementwise::silu_mul_stacked`] over the two
+/// products; at several row counts and thread counts.
+#[cfg(test)]
+pub(crate) fn assert_epilogues_match<K: PanelKernel>(gate: &K, up: &K, gated: &K) {
+    let (rows, cols) = gate.dims();
+    for m in [1, 5, 13, 32] {
+        for threads in [1, 2, 3] {
+            let a = test_values(m * cols, m as u64 + 3);
+            let plain = matmul_new(gate, &a, m, Epilogue::Plain, threads);
+            let residual = test_values(m * rows, 99);
+            let summed = matmul_new(gate, &a, m, Epilogue::Residual(&residual), threads);
+            for ((s, p), r) in summed.iter().zip(&plain).zip(&residual) {
+                assert_eq!(
+                    s.to_bits(),
+                    (p + r).to_bits(),
+                    "residual, m={m} threads={threads}"
+                );
+            }
+            let up_out = matmul_new(up, &a, m, Epilogue::Plain, threads);
+            let stacked: Vec<f32> = plain
+                .chunks_exact(rows)
+                .zip(up_out.chunks_exact(rows))
+                .flat_map(|(g, u)| g.iter().chain(u).copied())
+                .collect();
+            let stacked = Tensor::from_vec(stacked, (m, 2 * rows), &candle_core::Device::Cpu)
+                .expect("test tensor");
+            let want = crate::models::cpu_elementwise::silu_mul_stacked(&stacked, rows)
+                .expect("silu_mul_stacked")
+                .expect("AVX-512 is there: the kernels packed")
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("host values");
+            let got = matmul_new(gated, &a, m, Epilogue::SiluGate, threads);
+            assert_eq!(got.len(), m * rows);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(same, "silu gate, m={m} threads={threads}");
+        }
     }
 }
 
@@ -585,7 +862,7 @@ mod tests {
                 let mut c = vec![f32::NAN; m * rows];
                 matmul_into(&p, &a, m, &mut c, threads);
                 // The unzeroed buffer holds the same values.
-                let fresh = matmul_new(&p, &a, m, threads);
+                let fresh = matmul_new(&p, &a, m, Epilogue::Plain, threads);
                 assert!(fresh
                     .iter()
                     .zip(&c)
@@ -599,6 +876,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn residual_and_silu_gate_epilogues_give_the_bits_of_the_separate_ops() {
+        // 10 panels per part (an even and an odd count of pairs across threads); big enough at 32
+        // rows to run in parallel.
+        for (rows, cols) in [(48, 40), (160, 96)] {
+            let (Some((gate, _)), Some((up, _))) = (packed(rows, cols, 5), packed(rows, cols, 6))
+            else {
+                return;
+            };
+            let gated = PackedMatrix::interleave_gate_up(&gate, &up).unwrap();
+            assert_epilogues_match(&gate, &up, &gated);
+        }
+        // Parts that are not whole panels, or of different shapes, are not interleaved.
+        let (Some((a, _)), Some((b, _)), Some((c, _))) =
+            (packed(40, 32, 1), packed(40, 32, 2), packed(48, 32, 3))
+        else {
+            return;
+        };
+        assert!(PackedMatrix::interleave_gate_up(&a, &b).is_none());
+        assert!(PackedMatrix::interleave_gate_up(&c, &a).is_none());
     }
 
     #[test]

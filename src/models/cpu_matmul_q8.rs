@@ -20,7 +20,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
-use crate::models::cpu_matmul::{matmul_t, packed_enabled, stacked_dims, OutPtr, PanelKernel};
+use crate::models::cpu_matmul::{matmul_t, packed_enabled, stacked_dims, Out, PanelKernel};
 
 /// Rows of `W` per panel (lanes of one vector of i32 / f32).
 const LANES: usize = 16;
@@ -140,6 +140,33 @@ impl PackedQ8 {
         })
     }
 
+    /// `gate` and `up` with alternating panels, as
+    /// [`crate::models::cpu_matmul::PackedMatrix::interleave_gate_up`].
+    pub(crate) fn interleave_gate_up(gate: &Self, up: &Self) -> Option<Self> {
+        if (gate.rows, gate.cols) != (up.rows, up.cols) || !gate.rows.is_multiple_of(LANES) {
+            return None;
+        }
+        let blocks = gate.cols / BLOCK;
+        let quads = gate
+            .quads
+            .chunks_exact((blocks * 8).max(1))
+            .zip(up.quads.chunks_exact((blocks * 8).max(1)))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        let scales = gate
+            .scales
+            .chunks_exact(blocks.max(1))
+            .zip(up.scales.chunks_exact(blocks.max(1)))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        Some(Self {
+            quads,
+            scales,
+            rows: 2 * gate.rows,
+            cols: gate.cols,
+        })
+    }
+
     /// `xs (..., cols) -> xs W^T (..., rows)`, f32 on CPU.
     pub(crate) fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
         matmul_t(self, xs)
@@ -168,11 +195,12 @@ impl PanelKernel for PackedQ8 {
         mr: usize,
         panel: usize,
         np: usize,
-        out: OutPtr,
+        out: Out,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
             let blocks = self.cols / BLOCK;
+            let (c, residual, valid) = out.tile_at(row, panel, self.rows);
             let tile = Tile {
                 xq: x.quants.as_ptr().add(row * self.cols),
                 xd: x.scales.as_ptr().add(row * blocks),
@@ -181,9 +209,11 @@ impl PanelKernel for PackedQ8 {
                 scales: self.scales.as_ptr().add(panel * blocks),
                 blocks,
                 cols: self.cols,
-                c: out.0.add(row * self.rows + panel * LANES),
-                ldc: self.rows,
-                valid: self.rows - panel * LANES,
+                c,
+                ldc: out.ldc(),
+                valid,
+                residual,
+                gated: out.gated(),
             };
             if np == 2 {
                 vnni::dispatch::<2>(mr, &tile);
@@ -241,6 +271,8 @@ struct Tile {
     c: *mut f32,
     ldc: usize,
     valid: usize,
+    residual: *const f32,
+    gated: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -338,7 +370,14 @@ mod vnni {
                 }
             }
         }
-        crate::models::cpu_matmul::avx512::store(&acc, tile.c, tile.ldc, tile.valid);
+        crate::models::cpu_matmul::avx512::store(
+            &acc,
+            tile.c,
+            tile.ldc,
+            tile.valid,
+            tile.residual,
+            tile.gated,
+        );
     }
 }
 
@@ -364,7 +403,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::models::cpu_matmul::{matmul_into, test_values};
+    use crate::models::cpu_matmul::{assert_epilogues_match, matmul_into, test_values};
     use candle_core::{DType, Device, Module};
 
     #[test]
@@ -384,6 +423,27 @@ mod tests {
                 "bits {bits:#x}: {got} vs {w}"
             );
         }
+    }
+
+    #[test]
+    fn residual_and_silu_gate_epilogues_give_the_bits_of_the_separate_ops() {
+        if !packed_q8_applies(&Device::Cpu) {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let pack = |rows: usize, cols: usize, seed: u64| {
+            let w = Tensor::from_vec(test_values(rows * cols, seed), (rows, cols), &Device::Cpu)
+                .unwrap();
+            PackedQ8::pack(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap())
+                .unwrap()
+                .unwrap()
+        };
+        for (rows, cols) in [(48, 64), (160, 576)] {
+            let (gate, up) = (pack(rows, cols, 5), pack(rows, cols, 6));
+            let gated = PackedQ8::interleave_gate_up(&gate, &up).unwrap();
+            assert_epilogues_match(&gate, &up, &gated);
+        }
+        assert!(PackedQ8::interleave_gate_up(&pack(40, 64, 1), &pack(40, 64, 2)).is_none());
     }
 
     #[test]

@@ -67,11 +67,11 @@ impl DecoderLayer {
         let h = self.input_layernorm.forward(xs)?;
         let h = self
             .self_attn
-            .forward(&h, rotary, rot, plan, layer, cache)?;
+            .forward(&h, rotary, rot, plan, layer, cache, None)?;
         let xs = (self.post_attention_layernorm.forward(&h)? + xs)?;
         let h = self
             .mlp
-            .forward(&self.pre_feedforward_layernorm.forward(&xs)?)?;
+            .forward(&self.pre_feedforward_layernorm.forward(&xs)?, None)?;
         self.post_feedforward_layernorm.forward(&h)? + xs
     }
 }

@@ -23,7 +23,7 @@ use crate::models::config::{
     MAX_POSITION_EMBEDDINGS,
 };
 use crate::models::cpu_matmul_q8::{packed_q8_applies, PackedQ8};
-use crate::models::layers::{AttnSpec, Embed, Proj, RmsNorm, Rotary, Stacked};
+use crate::models::layers::{AttnSpec, Embed, GateUp, Proj, RmsNorm, Rotary, Stacked};
 use crate::models::llama::{DecoderLayer, Llama, Mlp, SelfAttn};
 use crate::models::ModelInfo;
 
@@ -581,12 +581,12 @@ pub fn load_gguf(path: &Path, device: &Device, options: &GgufOptions) -> Result<
             },
         };
         let mlp = Mlp {
-            gate_up: Stacked::new(vec![
+            gate_up: GateUp::new(
                 r.proj(&format!("{p}.ffn_gate.weight"), None)?,
                 r.proj(&format!("{p}.ffn_up.weight"), None)?,
-            ])?,
+                Activation::Silu,
+            )?,
             down_proj: r.proj(&format!("{p}.ffn_down.weight"), None)?,
-            act: Activation::Silu,
         };
         layers.push(DecoderLayer {
             self_attn,

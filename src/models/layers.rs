@@ -23,7 +23,7 @@ use crate::engine::kv_cache::KvCache;
 use crate::models::config::{ModelConfig, RopeScaling};
 use crate::models::cpu_attention;
 use crate::models::cpu_elementwise;
-use crate::models::cpu_matmul::{PackedMatrix, PanelKernel};
+use crate::models::cpu_matmul::{self, PackedMatrix, PanelKernel};
 use crate::models::cpu_matmul_q8::PackedQ8;
 use crate::models::{ForwardBatch, SeqChunk};
 
@@ -143,6 +143,21 @@ impl Proj {
                 bias: linear.bias().cloned(),
             }),
             None => Ok(Self::Dense(linear)),
+        }
+    }
+
+    /// `(tokens, in)` -> `(tokens, out)` plus `residual` `(tokens, out)`: for packed weights without
+    /// a bias in the same pass (each output gets its residual as it is stored, the same value as
+    /// adding afterwards), else one add after.
+    pub(crate) fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed { weight, bias: None } => {
+                cpu_matmul::matmul_t_residual(weight.as_ref(), xs, residual)
+            }
+            Self::PackedQ8 { weight, bias: None } => {
+                cpu_matmul::matmul_t_residual(weight.as_ref(), xs, residual)
+            }
+            _ => self.forward(xs)? + residual,
         }
     }
 
@@ -317,6 +332,94 @@ impl RmsNorm {
 pub(crate) fn rms_norm(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<RmsNorm> {
     let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
     Ok(RmsNorm::new(weight, eps))
+}
+
+/// The gate and up projections of a gated MLP with its activation: `act(gate(x)) * up(x)`.
+#[derive(Debug, Clone)]
+pub(crate) enum GateUp {
+    /// SiLU over gate and up packed the same way without biases, in whole panels: their panels
+    /// interleaved into one matrix, and one matmul writes `silu(gate) * up` as it stores each tile
+    /// ([`Epilogue::SiluGate`]): no `(tokens, 2 * intermediate)` intermediate, no extra pass.
+    FusedSilu(GateUpWeight),
+    /// Otherwise: the projections (stacked when packed) and the activation after them.
+    Separate {
+        /// `gate`, `up`.
+        parts: Stacked,
+        act: Activation,
+    },
+}
+
+/// A packed gate/up matrix with interleaved panels (only ever multiplied with
+/// [`Epilogue::SiluGate`]: its rows are not in checkpoint order).
+#[derive(Debug, Clone)]
+pub(crate) enum GateUpWeight {
+    /// f32 ([`PackedMatrix::interleave_gate_up`]).
+    F32(Arc<PackedMatrix>),
+    /// Q8_0 ([`PackedQ8::interleave_gate_up`]).
+    Q8(Arc<PackedQ8>),
+}
+
+impl GateUp {
+    /// `gate` and `up`, `(intermediate, hidden)` each, with activation `act`.
+    pub(crate) fn new(gate: Proj, up: Proj, act: Activation) -> Result<Self> {
+        if matches!(act, Activation::Silu) {
+            let fused = match (&gate, &up) {
+                (
+                    Proj::Packed {
+                        weight: g,
+                        bias: None,
+                    },
+                    Proj::Packed {
+                        weight: u,
+                        bias: None,
+                    },
+                ) => PackedMatrix::interleave_gate_up(g, u).map(|w| GateUpWeight::F32(Arc::new(w))),
+                (
+                    Proj::PackedQ8 {
+                        weight: g,
+                        bias: None,
+                    },
+                    Proj::PackedQ8 {
+                        weight: u,
+                        bias: None,
+                    },
+                ) => PackedQ8::interleave_gate_up(g, u).map(|w| GateUpWeight::Q8(Arc::new(w))),
+                _ => None,
+            };
+            if let Some(weight) = fused {
+                return Ok(Self::FusedSilu(weight));
+            }
+        }
+        Ok(Self::Separate {
+            parts: Stacked::new(vec![gate, up])?,
+            act,
+        })
+    }
+
+    /// `(tokens, hidden)` -> `(tokens, intermediate)`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::FusedSilu(GateUpWeight::F32(weight)) => {
+                cpu_matmul::matmul_t_silu_gate(weight.as_ref(), xs)
+            }
+            Self::FusedSilu(GateUpWeight::Q8(weight)) => {
+                cpu_matmul::matmul_t_silu_gate(weight.as_ref(), xs)
+            }
+            Self::Separate { parts, act } => {
+                if let Stacked::Fused { proj, widths } = parts {
+                    if let [gate_width, up_width] = widths[..] {
+                        if gate_width == up_width {
+                            return gated_activation(&proj.forward(xs)?, gate_width, *act);
+                        }
+                    }
+                }
+                let [gate, up]: [Tensor; 2] = parts.forward(xs)?.try_into().map_err(|_| {
+                    candle_core::Error::Msg("gate/up projection gave no 2 parts".into())
+                })?;
+                act.forward(&gate)? * up
+            }
+        }
+    }
 }
 
 /// `ys + bias` (broadcast over rows) when there is a bias.

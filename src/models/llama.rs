@@ -9,14 +9,14 @@
 //! layer; `lm_head` runs only on each sequence's last token; one struct serves the three families.
 //! Reference: transformers `models/llama/modeling_llama.py` (Touvron et al., 2023).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::engine::kv_cache::KvCache;
 use crate::models::config::ModelConfig;
 use crate::models::layers::{
-    attend, decode_self_attention, embedding_and_head, gated_activation, last_token_logits,
-    rms_norm, AttnSpec, BatchPlan, Embed, Proj, RmsNorm, Rotary, RotaryForPass, Stacked,
+    attend, decode_self_attention, embedding_and_head, last_token_logits, rms_norm, AttnSpec,
+    BatchPlan, Embed, GateUp, Proj, RmsNorm, Rotary, RotaryForPass, Stacked,
 };
 use crate::models::{CausalLm, ForwardBatch, ModelInfo};
 
@@ -54,7 +54,9 @@ impl SelfAttn {
         })
     }
 
-    /// `(tokens, hidden)` -> `(tokens, hidden)`.
+    /// `(tokens, hidden)` -> `attention(xs)` (`+ residual` when given, added in the output
+    /// projection), `(tokens, hidden)`.
+    #[allow(clippy::too_many_arguments)] // the pass's shared state, one borrow each
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
@@ -63,6 +65,7 @@ impl SelfAttn {
         plan: &BatchPlan,
         layer: usize,
         cache: &mut KvCache,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let tokens = plan.total_tokens;
         let s = &self.spec;
@@ -71,7 +74,7 @@ impl SelfAttn {
                 let qkv = proj.forward(xs)?;
                 // Decode steps on the CPU: straight from the fused output into the cache.
                 if let Some(y) = decode_self_attention(&qkv, rotary, rot, plan, layer, s, cache)? {
-                    return self.o_proj.forward(&y);
+                    return output_projection(&self.o_proj, &y, residual);
                 }
                 Stacked::split(&qkv, widths)?
             }
@@ -86,47 +89,43 @@ impl SelfAttn {
         let q = rotary.apply(&q, rot)?;
         let k = rotary.apply(&k, rot)?;
         let y = attend(plan, layer, &q, &k, &v, s, cache)?;
-        self.o_proj.forward(&y)
+        output_projection(&self.o_proj, &y, residual)
     }
 }
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`, `model.layers.N.mlp.*`.
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
-    /// `gate_proj`, `up_proj`.
-    pub(crate) gate_up: Stacked,
+    /// `gate_proj`, `up_proj` and the activation.
+    pub(crate) gate_up: GateUp,
     pub(crate) down_proj: Proj,
-    pub(crate) act: Activation,
 }
 
 impl Mlp {
     pub(crate) fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_up: Stacked::new(vec![
+            gate_up: GateUp::new(
                 Proj::dense(h, i, cfg.mlp_bias, vb.pp("gate_proj"))?,
                 Proj::dense(h, i, cfg.mlp_bias, vb.pp("up_proj"))?,
-            ])?,
+                cfg.hidden_act,
+            )?,
             down_proj: Proj::dense(i, h, cfg.mlp_bias, vb.pp("down_proj"))?,
-            act: cfg.hidden_act,
         })
     }
 
-    /// `(tokens, hidden)` -> `(tokens, hidden)`.
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Stacked::Fused { proj, widths } = &self.gate_up {
-            if let [gate_width, up_width] = widths[..] {
-                if gate_width == up_width {
-                    let hidden = gated_activation(&proj.forward(xs)?, gate_width, self.act)?;
-                    return self.down_proj.forward(&hidden);
-                }
-            }
-        }
-        let [gate, up]: [Tensor; 2] =
-            self.gate_up.forward(xs)?.try_into().map_err(|_| {
-                candle_core::Error::Msg("gate/up projection gave no 2 parts".into())
-            })?;
-        self.down_proj.forward(&(self.act.forward(&gate)? * up)?)
+    /// `(tokens, hidden)` -> `mlp(xs)` (`+ residual` when given, added in the down projection),
+    /// `(tokens, hidden)`.
+    pub(crate) fn forward(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        output_projection(&self.down_proj, &self.gate_up.forward(xs)?, residual)
+    }
+}
+
+/// `proj(xs)`, plus `residual` in the same pass when there is one.
+fn output_projection(proj: &Proj, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    match residual {
+        Some(residual) => proj.forward_residual(xs, residual),
+        None => proj.forward(xs),
     }
 }
 
@@ -163,17 +162,13 @@ impl DecoderLayer {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let residual = xs;
+        // Each residual add happens inside the projection before it (`forward_residual`).
         let h = self.input_layernorm.forward(xs)?;
-        let h = self
+        let xs = self
             .self_attn
-            .forward(&h, rotary, rot, plan, layer, cache)?;
-        let xs = (h + residual)?;
-        let residual = &xs;
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        h + residual
+            .forward(&h, rotary, rot, plan, layer, cache, Some(xs))?;
+        let h = self.post_attention_layernorm.forward(&xs)?;
+        self.mlp.forward(&h, Some(&xs))
     }
 }
 
