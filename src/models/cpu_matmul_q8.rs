@@ -176,9 +176,11 @@ impl PackedQ8 {
 impl PanelKernel for PackedQ8 {
     type Input<'a> = QuantizedRows;
     const MR_MAX: usize = MR_MAX;
-    // int8 multiply-adds are ~4x cheaper than f32 ones: batch-1 q/k/v/o projections of a small model
-    // ran slower split over 2 threads (measured: 159 vs 190 tok/s for SmolLM2 Q8_0).
-    const PARALLEL_MIN_MACS: usize = 1 << 21;
+    // The same threshold as f32: since the forward pass runs inside the compute pool and threads
+    // take chunks from a shared counter, splitting even the 576x576 batch-1 projections of SmolLM2
+    // pays (2 threads, batch 1: 264-288 tok/s against 230 with a 2^21 threshold; at 2^21 they
+    // had been kept on one thread when a split cost a hand-off per matmul: 159 vs 190 tok/s then).
+    const PARALLEL_MIN_MACS: usize = 1 << 18;
 
     fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
