@@ -82,11 +82,7 @@ fn main() -> Result<()> {
             Arc::new(word_level_tokenizer()?),
             "f32-random-smollm2-shape",
         )?;
-        for c in CONCURRENCY
-            .into_iter()
-            .filter(|c| level_selected(*c))
-            .flat_map(|c| std::iter::repeat_n(c, rounds()))
-        {
+        for c in schedule(&CONCURRENCY) {
             rows.push(run_level(
                 &rt,
                 &engine,
@@ -151,12 +147,7 @@ fn main() -> Result<()> {
             set_cpu_matmul(CpuMatmul::Auto);
             let bytes = gguf_weight_bytes(&gguf, &options, packed)?;
             let engine = start_engine(model, Arc::clone(&tokenizer), label)?;
-            for c in levels
-                .iter()
-                .copied()
-                .filter(|c| level_selected(*c))
-                .flat_map(|c| std::iter::repeat_n(c, rounds()))
-            {
+            for c in schedule(levels) {
                 rows.push(run_level(
                     &rt,
                     &engine,
@@ -197,21 +188,28 @@ fn main() -> Result<()> {
         .map(|r| r.label)
         .collect::<std::collections::BTreeSet<_>>()
     {
-        // The median over the rounds of each level.
-        let of = |c: usize| {
-            let mut rates: Vec<f64> = rows
-                .iter()
+        // Round k of each level ran back to back (see `schedule`): one ratio per round, from
+        // measurements a few seconds apart, then the median and the range.
+        let rates = |c: usize| -> Vec<f64> {
+            rows.iter()
                 .filter(|r| r.label == label && r.concurrency == c)
                 .map(|r| r.tokens_per_s)
-                .collect();
-            rates.sort_by(f64::total_cmp);
-            rates.get(rates.len() / 2).copied()
+                .collect()
         };
-        if let (Some(one), Some(many)) = (of(1), of(32)) {
+        let mut ratios: Vec<f64> = rates(32)
+            .iter()
+            .zip(rates(1))
+            .map(|(many, one)| many / one)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        if let (Some(median), Some(low), Some(high)) = (
+            ratios.get(ratios.len() / 2),
+            ratios.first(),
+            ratios.last(),
+        ) {
             println!(
-                "{label}: aggregate at 32 concurrent = {:.1}x batch 1 (medians of {} round(s): {one:.1} and {many:.1} tok/s)",
-                many / one,
-                rounds()
+                "{label}: aggregate at 32 concurrent = {median:.1}x batch 1 (median of {} round(s), range {low:.1}x to {high:.1}x)",
+                ratios.len()
             );
         }
     }
@@ -421,8 +419,20 @@ fn selected(label: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| label.contains(only.as_str()))
 }
 
-/// `BENCH_ROUNDS=<n>` measures every level `n` times in a row (default 1): one table row each, and
-/// the 32-over-1 ratio from the medians.
+/// The levels to run, in order: each round runs every selected level once, then the next round
+/// starts (`1, 8, 32, 1, 8, 32, ...`), so the levels of one round see the same machine (a shared
+/// VM's memory bandwidth and clock drift over minutes).
+fn schedule(levels: &[usize]) -> Vec<usize> {
+    let selected: Vec<usize> = levels
+        .iter()
+        .copied()
+        .filter(|c| level_selected(*c))
+        .collect();
+    (0..rounds()).flat_map(|_| selected.iter().copied()).collect()
+}
+
+/// `BENCH_ROUNDS=<n>` runs every level `n` times (default 1), round by round (see `schedule`): one
+/// table row each, and the 32-over-1 ratio per round.
 fn rounds() -> usize {
     std::env::var("BENCH_ROUNDS")
         .ok()
