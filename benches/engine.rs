@@ -202,11 +202,9 @@ fn main() -> Result<()> {
             .map(|(many, one)| many / one)
             .collect();
         ratios.sort_by(f64::total_cmp);
-        if let (Some(median), Some(low), Some(high)) = (
-            ratios.get(ratios.len() / 2),
-            ratios.first(),
-            ratios.last(),
-        ) {
+        if let (Some(median), Some(low), Some(high)) =
+            (ratios.get(ratios.len() / 2), ratios.first(), ratios.last())
+        {
             println!(
                 "{label}: aggregate at 32 concurrent = {median:.1}x batch 1 (median of {} round(s), range {low:.1}x to {high:.1}x)",
                 ratios.len()
@@ -428,7 +426,9 @@ fn schedule(levels: &[usize]) -> Vec<usize> {
         .copied()
         .filter(|c| level_selected(*c))
         .collect();
-    (0..rounds()).flat_map(|_| selected.iter().copied()).collect()
+    (0..rounds())
+        .flat_map(|_| selected.iter().copied())
+        .collect()
 }
 
 /// `BENCH_ROUNDS=<n>` runs every level `n` times (default 1), round by round (see `schedule`): one

@@ -156,15 +156,8 @@ impl PackedMatrix {
         if (gate.rows, gate.cols) != (up.rows, up.cols) || !gate.rows.is_multiple_of(LANES) {
             return None;
         }
-        let panel = gate.cols;
-        let panels = gate
-            .panels
-            .chunks_exact(panel.max(1))
-            .zip(up.panels.chunks_exact(panel.max(1)))
-            .flat_map(|(g, u)| g.iter().chain(u).copied())
-            .collect();
         Some(Self {
-            panels,
+            panels: interleave_panels(&gate.panels, &up.panels, gate.cols),
             rows: 2 * gate.rows,
             cols: gate.cols,
         })
@@ -651,6 +644,15 @@ pub(crate) mod avx512 {
             }
         }
     }
+}
+
+/// The panels of two packed matrices of the same shape taken in turn (`a`'s panel `p`, then `b`'s),
+/// each panel `per_panel` items: the gate/up interleaving of both packed formats.
+pub(crate) fn interleave_panels<T: Copy>(a: &[T], b: &[T], per_panel: usize) -> Vec<T> {
+    a.chunks_exact(per_panel.max(1))
+        .zip(b.chunks_exact(per_panel.max(1)))
+        .flat_map(|(a_panel, b_panel)| a_panel.iter().chain(b_panel).copied())
+        .collect()
 }
 
 /// Checks that `parts` can be stacked by rows (same `cols`; every part but the last fills whole

@@ -20,7 +20,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
-use crate::models::cpu_matmul::{matmul_t, packed_enabled, stacked_dims, Out, PanelKernel};
+use crate::models::cpu_matmul::{
+    interleave_panels, matmul_t, packed_enabled, stacked_dims, Out, PanelKernel,
+};
 
 /// Rows of `W` per panel (lanes of one vector of i32 / f32).
 const LANES: usize = 16;
@@ -147,21 +149,9 @@ impl PackedQ8 {
             return None;
         }
         let blocks = gate.cols / BLOCK;
-        let quads = gate
-            .quads
-            .chunks_exact((blocks * 8).max(1))
-            .zip(up.quads.chunks_exact((blocks * 8).max(1)))
-            .flat_map(|(g, u)| g.iter().chain(u).copied())
-            .collect();
-        let scales = gate
-            .scales
-            .chunks_exact(blocks.max(1))
-            .zip(up.scales.chunks_exact(blocks.max(1)))
-            .flat_map(|(g, u)| g.iter().chain(u).copied())
-            .collect();
         Some(Self {
-            quads,
-            scales,
+            quads: interleave_panels(&gate.quads, &up.quads, blocks * 8),
+            scales: interleave_panels(&gate.scales, &up.scales, blocks),
             rows: 2 * gate.rows,
             cols: gate.cols,
         })
