@@ -204,16 +204,11 @@ impl PanelKernel for PackedMatrix {
     unsafe fn tile(&self, a: &&[f32], row: usize, mr: usize, panel: usize, np: usize, out: Out) {
         #[cfg(target_arch = "x86_64")]
         {
-            let (c, residual, valid) = out.tile_at(row, panel, self.rows);
             let tile = Tile {
                 a: a.as_ptr().add(row * self.cols),
                 b: self.panels.as_ptr().add(panel * self.cols),
                 k: self.cols,
-                c,
-                ldc: out.ldc(),
-                valid,
-                residual,
-                gated: out.gated(),
+                out: out.tile_at(row, panel, self.rows),
             };
             if np == 2 {
                 avx512::dispatch::<2>(mr, &tile);
@@ -486,40 +481,46 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    /// The output cell of row `row`, first column of panel `panel` (of a weight with `rows` rows),
-    /// the matching residual cell (or null), and how many output columns are left in that row.
+    /// Where the tile of rows from `row`, panels from `panel` (of a weight with `rows` rows) goes.
     ///
     /// # Safety
     /// `row` and `panel` are inside the matmul this `Out` was made for.
-    pub(crate) unsafe fn tile_at(
-        &self,
-        row: usize,
-        panel: usize,
-        rows: usize,
-    ) -> (*mut f32, *const f32, usize) {
+    pub(crate) unsafe fn tile_at(&self, row: usize, panel: usize, rows: usize) -> TileOut {
         let (column, width) = if self.gated {
             (panel / 2 * LANES, rows / 2)
         } else {
             (panel * LANES, rows)
         };
         let at = row * self.ldc + column;
-        let residual = if self.residual.is_null() {
-            self.residual
-        } else {
-            self.residual.add(at)
-        };
-        (self.c.add(at), residual, width - column)
+        TileOut {
+            c: self.c.add(at),
+            ldc: self.ldc,
+            valid: width - column,
+            residual: if self.residual.is_null() {
+                self.residual
+            } else {
+                self.residual.add(at)
+            },
+            gated: self.gated,
+        }
     }
+}
 
-    /// Whether panel pairs write `silu(gate) * up`.
-    pub(crate) fn gated(&self) -> bool {
-        self.gated
-    }
-
+/// Where one kernel call's `MR x 16 NP` sums go, and what happens to them on the way
+/// ([`avx512::store`]).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct TileOut {
+    /// Output of the first row, first panel column (row stride `ldc`).
+    c: *mut f32,
     /// Row stride of the output (and the residual).
-    pub(crate) fn ldc(&self) -> usize {
-        self.ldc
-    }
+    ldc: usize,
+    /// Output columns from the first panel's first column to the end of the row.
+    valid: usize,
+    /// Residual cell of the first output (same strides), or null.
+    residual: *const f32,
+    /// Panel pairs write `silu(gate) * up` ([`Epilogue::SiluGate`]).
+    gated: bool,
 }
 
 /// One kernel call: `MR` rows of `x` against `NP` panels.
@@ -531,16 +532,8 @@ struct Tile {
     b: *const Lanes,
     /// Input columns.
     k: usize,
-    /// Output of the first row, first panel column (row stride `ldc`).
-    c: *mut f32,
-    /// Row stride of the output.
-    ldc: usize,
-    /// Output columns from the first panel's first column to the end of the row.
-    valid: usize,
-    /// Residual cell of the first output (same strides), or null.
-    residual: *const f32,
-    /// Panel pairs write `silu(gate) * up` ([`Epilogue::SiluGate`]).
-    gated: bool,
+    /// Where the sums go.
+    out: TileOut,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -550,7 +543,7 @@ pub(crate) mod avx512 {
         _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
     };
 
-    use super::{Tile, LANES};
+    use super::{Tile, TileOut, LANES};
     use crate::models::cpu_elementwise::avx512::{first_lanes, silu_times};
 
     /// Runs the `(mr, NP)` kernel; `mr` in `1..=MR_MAX`.
@@ -592,19 +585,12 @@ pub(crate) mod avx512 {
                 }
             }
         }
-        store(
-            &acc,
-            tile.c,
-            tile.ldc,
-            tile.valid,
-            tile.residual,
-            tile.gated,
-        );
+        store(&acc, &tile.out);
     }
 
-    /// Writes `MR x NP` accumulators to rows of `c` (stride `ldc`), only the first `valid` columns:
-    /// plus the `residual` cells when that is not null, or, when `gated` (`NP` is 2: a gate panel
-    /// and its up panel), `silu(gate) * up` as 16 columns.
+    /// Writes `MR x NP` accumulators to `out` (rows of `c`, stride `ldc`, only the first `valid`
+    /// columns): plus the `residual` cells when that is not null, or, when `gated` (`NP` is 2: a
+    /// gate panel and its up panel), `silu(gate) * up` as 16 columns.
     ///
     /// Out of line on purpose: inlined, its SiLU arithmetic made the register allocator keep the
     /// kernels' accumulators in memory through the whole `k` loop (f32 matmuls ran 1.7x slower);
@@ -617,12 +603,15 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn store<const MR: usize, const NP: usize>(
         acc: &[[__m512; NP]; MR],
-        c: *mut f32,
-        ldc: usize,
-        valid: usize,
-        residual: *const f32,
-        gated: bool,
+        out: &TileOut,
     ) {
+        let TileOut {
+            c,
+            ldc,
+            valid,
+            residual,
+            gated,
+        } = *out;
         if gated && NP == 2 {
             let mask = first_lanes(valid);
             for (i, row_acc) in acc.iter().enumerate() {

@@ -21,7 +21,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
 use crate::models::cpu_matmul::{
-    interleave_panels, matmul_t, packed_enabled, stacked_dims, Out, PanelKernel,
+    interleave_panels, matmul_t, packed_enabled, stacked_dims, Out, PanelKernel, TileOut,
 };
 
 /// Rows of `W` per panel (lanes of one vector of i32 / f32).
@@ -192,7 +192,6 @@ impl PanelKernel for PackedQ8 {
         #[cfg(target_arch = "x86_64")]
         {
             let blocks = self.cols / BLOCK;
-            let (c, residual, valid) = out.tile_at(row, panel, self.rows);
             let tile = Tile {
                 xq: x.quants.as_ptr().add(row * self.cols),
                 xd: x.scales.as_ptr().add(row * blocks),
@@ -201,11 +200,7 @@ impl PanelKernel for PackedQ8 {
                 scales: self.scales.as_ptr().add(panel * blocks),
                 blocks,
                 cols: self.cols,
-                c,
-                ldc: out.ldc(),
-                valid,
-                residual,
-                gated: out.gated(),
+                out: out.tile_at(row, panel, self.rows),
             };
             if np == 2 {
                 vnni::dispatch::<2>(mr, &tile);
@@ -260,11 +255,7 @@ struct Tile {
     scales: *const Scales,
     blocks: usize,
     cols: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: usize,
-    residual: *const f32,
-    gated: bool,
+    out: TileOut,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -362,14 +353,7 @@ mod vnni {
                 }
             }
         }
-        crate::models::cpu_matmul::avx512::store(
-            &acc,
-            tile.c,
-            tile.ldc,
-            tile.valid,
-            tile.residual,
-            tile.gated,
-        );
+        crate::models::cpu_matmul::avx512::store(&acc, &tile.out);
     }
 }
 
