@@ -3,37 +3,24 @@
 //! "JoinHandle polled after completion"). Real `wick` binary against the harness platform on loopback.
 #![allow(clippy::unwrap_used)]
 
+mod worker_support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
-use wick::harness::{
-    run_load, LoadOptions, PlatformConfig, SessionOptions, SigtermPlan, WorkerLaunch,
-};
+use wick::harness::{run_load, LoadOptions, PlatformConfig, SessionOptions, SigtermPlan};
+use worker_support::tiny_llama_worker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_with_sigterm_after_some_clients_finished_reports_instead_of_panicking() {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     let options = SessionOptions {
         platform: PlatformConfig {
             poll_hold: Duration::from_millis(500),
             ..PlatformConfig::default()
         },
         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        worker: Some(WorkerLaunch {
-            wick: PathBuf::from(env!("CARGO_BIN_EXE_wick")),
-            args: Vec::new(),
-            env: vec![
-                ("MODEL_NAME".into(), model.display().to_string()),
-                ("RAYON_NUM_THREADS".into(), "1".into()),
-                ("CANDLE_NUM_THREADS".into(), "1".into()),
-                ("HF_HUB_OFFLINE".into(), "1".into()),
-            ],
-            log: None,
-            ping_interval_ms: 200,
-            grace_secs: 1,
-        }),
+        worker: Some(tiny_llama_worker(&[], None, 200, 1)),
         startup_timeout: Duration::from_secs(60),
     };
     // One job, four clients: three clients find no job left and finish at once; the one job is far

@@ -670,6 +670,14 @@ fn assert_matches_fixture(files: &ModelFiles) {
     same(&Some(shards[0].clone()), "model.safetensors");
 }
 
+/// Resolves the fixture model at `main` from `hub` into `cache` and checks every file against the
+/// fixture: the end state of each fault test.
+async fn resolve_fixture(hub: &Hub, cache: &Path) -> ModelFiles {
+    let files = resolve(&llama("main"), &options(hub, cache)).await.unwrap();
+    assert_matches_fixture(&files);
+    files
+}
+
 /// Files in the repo's `blobs/` that are not finished blobs or markers.
 fn partial_files(cache: &Path, repo: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(repo_dir(cache, repo).join("blobs")) else {
@@ -700,10 +708,7 @@ fn umask_file_mode() -> u32 {
 async fn first_download_fetches_only_needed_files_and_verifies_them() {
     let hub = start_hub().await;
     let cache = tempfile::tempdir().unwrap();
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    let files = resolve_fixture(&hub, cache.path()).await;
 
     let mut gets = hub.gets();
     gets.sort();
@@ -912,10 +917,7 @@ async fn broken_transfer_resumes_with_a_range_request_and_sends_each_byte_about_
     let sha = model_sha();
     let size = model_size();
     hub.arm(&sha, Fault::DropMidBody);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let half = size / 2;
     let replies = hub.cdn_replies();
     assert_eq!(
@@ -957,10 +959,7 @@ async fn many_resets_still_cost_about_one_file_of_traffic() {
             },
         );
     }
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 11);
     assert!(replies[1..].iter().all(|r| r.status == 206), "{replies:?}");
@@ -981,10 +980,7 @@ async fn server_that_ignores_range_is_downloaded_from_the_start_again() {
     let sha = model_sha();
     let size = model_size();
     hub.arm(&sha, Fault::DropMidBody);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 2);
     assert!(replies[1].range.is_some(), "wick asked for the rest");
@@ -1008,10 +1004,7 @@ async fn replaced_object_fails_if_range_and_the_file_starts_over() {
             new_etag: true,
         },
     );
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 2);
     assert!(replies[1]
@@ -1037,10 +1030,7 @@ async fn range_refused_with_416_starts_the_file_over() {
     let size = model_size();
     hub.arm(&sha, Fault::DropMidBody);
     hub.arm(&sha, Fault::Refuse416);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let statuses: Vec<(bool, u16)> = hub
         .cdn_replies()
         .iter()
@@ -1096,10 +1086,7 @@ async fn a_new_process_resumes_the_partial_file_a_previous_one_left() {
         .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
         .unwrap();
 
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 1, "{replies:?}");
     assert_eq!(replies[0].range, Some(format!("bytes={kept}-")));
@@ -1138,10 +1125,7 @@ async fn corrupt_bytes_in_a_resumed_partial_are_caught_and_fetched_again() {
     bytes[100] ^= 0x01;
     std::fs::write(&partial, &bytes).unwrap();
 
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let statuses: Vec<(Option<String>, u16)> = hub
         .cdn_replies()
         .iter()
@@ -1175,10 +1159,7 @@ async fn partial_as_long_as_the_file_is_only_verified() {
     )
     .unwrap();
     drop(partial);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     assert!(hub.cdn_replies().is_empty(), "{:?}", hub.cdn_replies());
 }
 
@@ -1201,10 +1182,7 @@ async fn partial_file_of_another_owner_or_mode_is_started_over() {
     std::io::Write::write_all(&mut partial, &vec![0u8; 1 << 20]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     drop(partial);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     let replies = hub.cdn_replies();
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].range, None);
@@ -1257,10 +1235,7 @@ async fn corrupted_bytes_from_the_server_fail_verification_and_are_fetched_again
     let cache = tempfile::tempdir().unwrap();
     let sha = model_sha();
     hub.arm(&sha, Fault::Corrupt);
-    let files = resolve(&llama("main"), &options(&hub, cache.path()))
-        .await
-        .unwrap();
-    assert_matches_fixture(&files);
+    resolve_fixture(&hub, cache.path()).await;
     assert_eq!(hub.count_gets(&format!("/cdn/{sha}")), 2);
 }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod worker_support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use wick::harness::{
 use wick::queue::journal::{self, Journal, JournalSettings};
 use wick::queue::spool::{self, SpoolSettings};
 use wick::queue::{WorkerReport, WorkerSettings};
+use worker_support::tiny_llama_worker;
 
 /// An in-process worker on `dir` against a platform that outlives it.
 struct Worker {
@@ -301,24 +303,17 @@ async fn sigkill_mid_generation_then_a_restart_completes_the_plain_job_and_repor
         .await
         .unwrap();
     let platform = running.platform.clone();
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     let tmp = tempfile::tempdir().unwrap();
     let spool_dir = tmp.path().join("spool");
-    let launch = WorkerLaunch {
-        wick: PathBuf::from(env!("CARGO_BIN_EXE_wick")),
-        args: Vec::new(),
-        env: vec![
-            ("MODEL_NAME".into(), model.display().to_string()),
-            ("WARMUP".into(), "false".into()),
-            ("RAYON_NUM_THREADS".into(), "1".into()),
-            ("CANDLE_NUM_THREADS".into(), "1".into()),
-            ("HF_HUB_OFFLINE".into(), "1".into()),
-            ("WICK_SPOOL_DIR".into(), spool_dir.display().to_string()),
+    let launch = tiny_llama_worker(
+        &[
+            ("WARMUP", "false".into()),
+            ("WICK_SPOOL_DIR", spool_dir.display().to_string()),
         ],
-        log: Some(tmp.path().join("first.log")),
-        ping_interval_ms: 200,
-        grace_secs: 5,
-    };
+        Some(tmp.path().join("first.log")),
+        200,
+        5,
+    );
     // Long enough to be mid-generation at the kill (about 1 ms a token on this model).
     let plain = platform.submit(
         json!({"prompt": "Hello", "sampling_params": {"max_tokens": 1500, "ignore_eos": true}}),

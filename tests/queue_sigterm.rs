@@ -3,12 +3,14 @@
 //! failed (`shutting_down`, retryable), and the process exits 0.
 #![allow(clippy::unwrap_used)]
 
+mod worker_support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use wick::harness::{JobStatus, Platform, PlatformConfig, Route, WorkerLaunch, WorkerProcess};
+use wick::harness::{JobStatus, Platform, PlatformConfig, Route, WorkerProcess};
+use worker_support::tiny_llama_worker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_jobs_reports_the_rest_and_exits_zero() {
@@ -20,22 +22,9 @@ async fn sigterm_drains_in_flight_jobs_reports_the_rest_and_exits_zero() {
         .await
         .unwrap();
     let platform = running.platform.clone();
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     let log_dir = tempfile::tempdir().unwrap();
     let log_path = log_dir.path().join("wick.log");
-    let launch = WorkerLaunch {
-        wick: PathBuf::from(env!("CARGO_BIN_EXE_wick")),
-        args: Vec::new(),
-        env: vec![
-            ("MODEL_NAME".into(), model.display().to_string()),
-            ("RAYON_NUM_THREADS".into(), "1".into()),
-            ("CANDLE_NUM_THREADS".into(), "1".into()),
-            ("HF_HUB_OFFLINE".into(), "1".into()),
-        ],
-        log: Some(log_path.clone()),
-        ping_interval_ms: 200,
-        grace_secs: 4,
-    };
+    let launch = tiny_llama_worker(&[], Some(log_path.clone()), 200, 4);
     // A short job (finishes during the drain at the latest) and one far too long for the grace.
     let short = platform.submit(
         json!({"prompt": "Hello", "sampling_params": {"max_tokens": 100, "ignore_eos": true}}),

@@ -3,6 +3,8 @@
 //! ping URL.
 #![allow(clippy::unwrap_used)]
 
+mod worker_support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -91,25 +93,17 @@ async fn legacy_job_stream_variable_is_honoured_and_the_key_never_logged() {
             }
         })
         .collect();
-    let model =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     let log_dir = tempfile::tempdir().unwrap();
-    let launch = wick::harness::WorkerLaunch {
-        wick: env!("CARGO_BIN_EXE_wick").into(),
-        args: Vec::new(),
-        env: vec![
-            ("MODEL_NAME".into(), model.display().to_string()),
-            ("HF_HUB_OFFLINE".into(), "1".into()),
-            ("RAYON_NUM_THREADS".into(), "1".into()),
-            ("CANDLE_NUM_THREADS".into(), "1".into()),
+    let launch = worker_support::tiny_llama_worker(
+        &[
             // A canary key with full debug logs: it must never reach the log.
-            ("RUNPOD_AI_API_KEY".into(), "canary-key-7f3a9".into()),
-            ("RUST_LOG".into(), "debug".into()),
+            ("RUNPOD_AI_API_KEY", "canary-key-7f3a9".into()),
+            ("RUST_LOG", "debug".into()),
         ],
-        log: Some(log_dir.path().join("wick.log")),
-        ping_interval_ms: 1000,
-        grace_secs: 5,
-    };
+        Some(log_dir.path().join("wick.log")),
+        1000,
+        5,
+    );
     let mut worker = wick::harness::WorkerProcess::spawn(&launch, &env).unwrap();
     let id = running.platform.submit(serde_json::json!({
         "prompt": "Hello", "stream": true, "sampling_params": {"max_tokens": 4, "ignore_eos": true}

@@ -296,22 +296,13 @@ pub async fn run_worker<R: JobRunner>(
 
     let spool = match settings.spool.clone() {
         None => None,
-        Some(spool_settings) => {
-            match tokio::task::spawn_blocking(move || Spool::open(spool_settings)).await {
-                Ok(Ok(spool)) => {
-                    info!(dir = %spool.dir().display(), "result spool ready");
-                    Some(spool)
-                }
-                Ok(Err(error)) => {
-                    warn!(%error, "result spool unavailable: undelivered results will not survive a restart");
-                    None
-                }
-                Err(error) => {
-                    warn!(%error, "result spool could not be opened (task failed)");
-                    None
-                }
-            }
-        }
+        Some(spool_settings) => open_store(
+            "result spool",
+            "undelivered results will not survive a restart",
+            move || Spool::open(spool_settings),
+        )
+        .await
+        .inspect(|spool| info!(dir = %spool.dir().display(), "result spool ready")),
     };
     let journal = match (
         &spool,
@@ -319,17 +310,12 @@ pub async fn run_worker<R: JobRunner>(
     ) {
         (Some(spool), Some(journal_settings)) => {
             let dir = spool.dir().to_owned();
-            match tokio::task::spawn_blocking(move || Journal::open(dir, journal_settings)).await {
-                Ok(Ok(journal)) => Some(journal),
-                Ok(Err(error)) => {
-                    warn!(%error, "taken-job journal unavailable: a job in flight when the worker is killed is lost to it");
-                    None
-                }
-                Err(error) => {
-                    warn!(%error, "taken-job journal could not be opened (task failed)");
-                    None
-                }
-            }
+            open_store(
+                "taken-job journal",
+                "a job in flight when the worker is killed is lost to it",
+                move || Journal::open(dir, journal_settings),
+            )
+            .await
         }
         _ => None,
     };
@@ -854,4 +840,28 @@ fn random_worker_id() -> String {
     (0..4)
         .map(|_| format!("{:08x}", (jitter.unit() * f64::from(u32::MAX)) as u32))
         .collect()
+}
+
+/// Opens an optional on-disk store (`what`) on the blocking pool. A failure is a warning that says
+/// what the worker goes on `without`; it runs on with `None`.
+async fn open_store<T, E>(
+    what: &'static str,
+    without: &'static str,
+    open: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Option<T>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(open).await {
+        Ok(Ok(store)) => Some(store),
+        Ok(Err(error)) => {
+            warn!(%error, "{what} unavailable: {without}");
+            None
+        }
+        Err(error) => {
+            warn!(%error, "{what} could not be opened (task failed)");
+            None
+        }
+    }
 }
