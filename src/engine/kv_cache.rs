@@ -167,9 +167,11 @@ impl KvCache {
                 cache.inplace_op1(&WriteRows {
                     rows,
                     targets,
-                    kv_heads,
-                    max_ctx: self.max_ctx,
-                    head_dim,
+                    layout: SlotLayout {
+                        kv_heads,
+                        max_ctx: self.max_ctx,
+                        head_dim,
+                    },
                 })?;
             }
             return Ok(());
@@ -191,14 +193,28 @@ impl KvCache {
     }
 }
 
+/// Where a position lives in one layer's contiguous `(slots, kv_heads, max_ctx, head_dim)` cache
+/// tensor, read as a flat slice (the cache write here, decode attention in `models::cpu_attention`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotLayout {
+    pub(crate) kv_heads: usize,
+    pub(crate) max_ctx: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl SlotLayout {
+    /// Offset of `(slot, head, pos, 0)`.
+    pub(crate) fn offset(&self, slot: usize, head: usize, pos: usize) -> usize {
+        ((slot * self.kv_heads + head) * self.max_ctx + pos) * self.head_dim
+    }
+}
+
 /// Writes `rows` `(targets, kv_heads, head_dim)` f32, row `i` at position `targets[i].start_pos` of
-/// slot `targets[i].slot`, into a contiguous `(slots, kv_heads, max_ctx, head_dim)` f32 CPU cache.
+/// slot `targets[i].slot`, into a contiguous f32 CPU cache of `layout`.
 struct WriteRows<'a> {
     rows: &'a [f32],
     targets: &'a [SeqChunk],
-    kv_heads: usize,
-    max_ctx: usize,
-    head_dim: usize,
+    layout: SlotLayout,
 }
 
 impl InplaceOp1 for WriteRows<'_> {
@@ -214,11 +230,11 @@ impl InplaceOp1 for WriteRows<'_> {
             bail!("kv rows write needs a contiguous cache");
         };
         let cache = &mut all[start..end];
-        let (hd, row) = (self.head_dim, self.kv_heads * self.head_dim);
+        let layout = self.layout;
+        let (hd, row) = (layout.head_dim, layout.kv_heads * layout.head_dim);
         for (target, values) in self.targets.iter().zip(self.rows.chunks_exact(row)) {
             for (head, head_values) in values.chunks_exact(hd).enumerate() {
-                let at =
-                    ((target.slot * self.kv_heads + head) * self.max_ctx + target.start_pos) * hd;
+                let at = layout.offset(target.slot, head, target.start_pos);
                 let Some(cell) = cache.get_mut(at..at + hd) else {
                     bail!("kv rows write: {target:?} is outside the cache");
                 };

@@ -14,6 +14,7 @@
 use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::engine::kv_cache::SlotLayout;
 use crate::models::cpu_matmul::cpu_has_avx512f;
 use crate::models::layers::AttnSpec;
 use crate::models::SeqChunk;
@@ -38,8 +39,20 @@ pub(crate) fn decode_attention(
     v_cache: &Tensor,
     spec: &AttnSpec,
 ) -> Result<Tensor> {
-    let (heads, kv_heads, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
     let queries = q.flatten_all()?.to_vec1::<f32>()?; // (seqs, heads, hd)
+    decode_attention_rows(&queries, seqs, k_cache, v_cache, spec)
+}
+
+/// [`decode_attention`] with the queries as host values `(seqs, num_heads * head_dim)` (the CPU
+/// decode path has them so already). Returns a CPU tensor `(seqs, num_heads * head_dim)`.
+pub(crate) fn decode_attention_rows(
+    queries: &[f32],
+    seqs: &[SeqChunk],
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    spec: &AttnSpec,
+) -> Result<Tensor> {
+    let (heads, kv_heads, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
     if queries.len() != seqs.len() * heads * hd {
         bail!(
             "decode attention: q has {} values, expected {} seqs x {heads} heads x {hd}",
@@ -74,9 +87,11 @@ pub(crate) fn decode_attention(
     let cache = CacheView {
         keys: &k_all[k_start..k_end],
         values: &v_all[v_start..v_end],
-        kv_heads,
-        max_ctx,
-        hd,
+        layout: SlotLayout {
+            kv_heads,
+            max_ctx,
+            head_dim: hd,
+        },
     };
     let row = heads * hd;
     let mut out = vec![0f32; seqs.len() * row];
@@ -92,22 +107,20 @@ pub(crate) fn decode_attention(
     } else {
         out.par_chunks_mut(row).enumerate().for_each(run);
     }
-    Tensor::from_vec(out, (seqs.len(), row), q.device())
+    Tensor::from_vec(out, (seqs.len(), row), k_cache.device())
 }
 
-/// The caches of one layer as flat slices, `(slots, kv_heads, max_ctx, hd)`.
+/// The caches of one layer as flat slices of `layout`.
 struct CacheView<'a> {
     keys: &'a [f32],
     values: &'a [f32],
-    kv_heads: usize,
-    max_ctx: usize,
-    hd: usize,
+    layout: SlotLayout,
 }
 
 impl CacheView<'_> {
     /// Offset of `(slot, head, 0, 0)`.
     fn base(&self, slot: usize, head: usize) -> usize {
-        (slot * self.kv_heads + head) * self.max_ctx * self.hd
+        self.layout.offset(slot, head, 0)
     }
 }
 
@@ -150,7 +163,7 @@ fn one_sequence_portable(
     spec: &AttnSpec,
     out: &mut [f32],
 ) {
-    let hd = cache.hd;
+    let hd = cache.layout.head_dim;
     let n_rep = spec.num_heads / spec.num_kv_heads;
     let pos = seq.start_pos;
     let first = first_visible(pos, spec);
@@ -223,12 +236,12 @@ mod avx512 {
         spec: &AttnSpec,
         out: &mut [f32],
     ) -> bool {
-        if !cache.hd.is_multiple_of(LANES) {
+        if !cache.layout.head_dim.is_multiple_of(LANES) {
             return false;
         }
         macro_rules! by_vectors {
             ($($v:literal)*) => {
-                match cache.hd / LANES {
+                match cache.layout.head_dim / LANES {
                     $($v => run::<$v>(query, seq, cache, spec, out),)*
                     _ => return false,
                 }

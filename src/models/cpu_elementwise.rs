@@ -256,7 +256,6 @@ mod tests {
         while !inputs.len().is_multiple_of(16) {
             inputs.push(0.25);
         }
-        let mut worst = 0;
         for block in inputs.chunks_exact(16) {
             let mut got = [0f32; 16];
             // SAFETY: AVX-512F checked above; 16 values in and out.
@@ -270,7 +269,6 @@ mod tests {
                 let want = f64::from(*x).exp();
                 let e = ulps(g, want);
                 assert!(e <= 2, "exp({x}) = {g}, f64 says {want} ({e} ulp)");
-                worst = worst.max(e);
             }
         }
         let ends = [
@@ -296,7 +294,6 @@ mod tests {
         assert_eq!(&got[..5], &[0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0]);
         assert!(got[5].is_nan());
         assert_eq!(got[6], 1.0);
-        assert!(worst <= 2);
     }
 
     #[test]

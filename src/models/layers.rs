@@ -453,6 +453,10 @@ pub(crate) struct Rotary {
 pub(crate) struct RotaryForPass {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as host f32 `(tokens * rotary_dim / 2)` each, for the CPU decode path
+    /// ([`decode_self_attention`]); read once per pass, not once per layer. `None` off the CPU or
+    /// in another dtype.
+    host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 fn freq_table(
@@ -627,9 +631,15 @@ impl Rotary {
             ),
         };
         let tokens = plan.total_tokens;
+        let host = if plan.all_decode && cos.device().is_cpu() && cos.dtype() == DType::F32 {
+            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
         Ok(RotaryForPass {
             cos: cos.reshape((tokens, 1, half))?,
             sin: sin.reshape((tokens, 1, half))?,
+            host,
         })
     }
 
@@ -700,9 +710,11 @@ pub(crate) fn decode_self_attention(
     spec: &AttnSpec,
     cache: &mut KvCache,
 ) -> Result<Option<Tensor>> {
+    let Some((cos, sin)) = &rot.host else {
+        return Ok(None);
+    };
     if !plan.all_decode
         || !cpu_attention::applies(qkv.device(), qkv.dtype())
-        || rot.cos.dtype() != DType::F32
         || rotary.rotary_dim > spec.head_dim
     {
         return Ok(None);
@@ -715,8 +727,6 @@ pub(crate) fn decode_self_attention(
     }
     let half = rotary.rotary_dim / 2;
     // (tokens, half) each
-    let cos = rot.cos.flatten_all()?.to_vec1::<f32>()?;
-    let sin = rot.sin.flatten_all()?.to_vec1::<f32>()?;
     if cos.len() != tokens * half || sin.len() != cos.len() {
         return Ok(None);
     }
@@ -747,9 +757,8 @@ pub(crate) fn decode_self_attention(
         }
     }
     cache.write_rows(layer, plan.seqs, &k, &v)?;
-    let q = Tensor::from_vec(q, (tokens, heads, hd), qkv.device())?;
     let (k_cache, v_cache) = cache.layer(layer)?;
-    cpu_attention::decode_attention(&q, plan.seqs, k_cache, v_cache, spec).map(Some)
+    cpu_attention::decode_attention_rows(&q, plan.seqs, k_cache, v_cache, spec).map(Some)
 }
 
 /// Identifies a mask within one pass.
@@ -1142,6 +1151,7 @@ mod tests {
                         .unwrap()
                         .reshape((tokens, 1, half))
                         .unwrap(),
+                    host: None,
                 };
                 let want = rotary.apply(&x, &pass).unwrap().flatten_all().unwrap();
                 let want = want.to_vec1::<f32>().unwrap();
