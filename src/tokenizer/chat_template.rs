@@ -634,32 +634,17 @@ fn write_py_value(
                     entries.push((py_json_key(&key)?, item));
                     continue;
                 }
-                if written == 0 {
-                    out.push('{');
-                } else {
-                    out.push_str(&style.item_sep);
+                let entry = PyEntry { level, written };
+                match key.as_str() {
+                    Some(text) => entry.write(state, text, &item, style, out)?,
+                    None => entry.write(state, &py_json_key(&key)?, &item, style, out)?,
                 }
                 written += 1;
-                write_newline_indent(style, level + 1, out);
-                match key.as_str() {
-                    Some(text) => write_py_string(text, style, out),
-                    None => write_py_string(&py_json_key(&key)?, style, out),
-                }
-                out.push_str(&style.key_sep);
-                write_py_value(state, &item, style, level + 1, out)?;
             }
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             for (key, item) in &entries {
-                if written == 0 {
-                    out.push('{');
-                } else {
-                    out.push_str(&style.item_sep);
-                }
+                PyEntry { level, written }.write(state, key, item, style, out)?;
                 written += 1;
-                write_newline_indent(style, level + 1, out);
-                write_py_string(key, style, out);
-                out.push_str(&style.key_sep);
-                write_py_value(state, item, style, level + 1, out)?;
             }
             if written == 0 {
                 out.push_str("{}");
@@ -683,6 +668,33 @@ fn write_py_value(
 }
 
 /// A map key as JSON writes it: strings as they are, numbers and booleans as text (as Python does).
+/// One `key: value` entry of a dict at `level`, after `written` entries (the first opens the dict).
+struct PyEntry {
+    level: usize,
+    written: usize,
+}
+
+impl PyEntry {
+    fn write(
+        &self,
+        state: &minijinja::State,
+        key: &str,
+        item: &Value,
+        style: &PyJsonStyle,
+        out: &mut String,
+    ) -> Result<(), Error> {
+        if self.written == 0 {
+            out.push('{');
+        } else {
+            out.push_str(&style.item_sep);
+        }
+        write_newline_indent(style, self.level + 1, out);
+        write_py_string(key, style, out);
+        out.push_str(&style.key_sep);
+        write_py_value(state, item, style, self.level + 1, out)
+    }
+}
+
 fn py_json_key(key: &Value) -> Result<String, Error> {
     if let Some(text) = key.as_str() {
         return Ok(text.to_string());
