@@ -699,8 +699,8 @@ impl Rotary {
 /// `(tokens, heads * head_dim)`, or `None` where this path does not apply (not an all-decode pass,
 /// not f32 on the CPU, another layout); the caller then takes [`attend`].
 ///
-/// Same values as the general path (the rotation is candle's arithmetic, the cache write a copy);
-/// it saves the per-sequence tensors that the general path builds to write the cache.
+/// Same values as the general path (the rotation is candle's arithmetic, the cache write the same
+/// [`KvCache::write_rows`]); it saves the q/k/v views, rotary ops and copies that path builds.
 pub(crate) fn decode_self_attention(
     qkv: &Tensor,
     rotary: &Rotary,
@@ -1007,22 +1007,31 @@ pub(crate) fn attend(
 ) -> Result<Tensor> {
     let n_rep = spec.num_heads / spec.num_kv_heads;
     let (kvh, hd) = (spec.num_kv_heads, spec.head_dim);
-    for (seq, &offset) in plan.seqs.iter().zip(&plan.offsets) {
-        // (len, kv_heads, head_dim) -> (kv_heads, len, head_dim)
-        let k_new = k
-            .narrow(0, offset, seq.len)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v_new = v
-            .narrow(0, offset, seq.len)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        cache.write(layer, seq.slot, seq.start_pos, &k_new, &v_new)?;
+    let device = q.device();
+    let cpu_decode = plan.all_decode && cpu_attention::applies(device, q.dtype());
+    if cpu_decode {
+        // One token per sequence, on the host already: every row in one pass.
+        // (tokens, kv_heads, head_dim) each
+        let k_rows = k.flatten_all()?.to_vec1::<f32>()?;
+        let v_rows = v.flatten_all()?.to_vec1::<f32>()?;
+        cache.write_rows(layer, plan.seqs, &k_rows, &v_rows)?;
+    } else {
+        for (seq, &offset) in plan.seqs.iter().zip(&plan.offsets) {
+            // (len, kv_heads, head_dim) -> (kv_heads, len, head_dim)
+            let k_new = k
+                .narrow(0, offset, seq.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let v_new = v
+                .narrow(0, offset, seq.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            cache.write(layer, seq.slot, seq.start_pos, &k_new, &v_new)?;
+        }
     }
     let (k_cache, v_cache) = cache.layer(layer)?;
-    let device = q.device();
 
-    if plan.all_decode && cpu_attention::applies(device, q.dtype()) {
+    if cpu_decode {
         return cpu_attention::decode_attention(q, plan.seqs, k_cache, v_cache, spec);
     }
     if plan.all_decode {
